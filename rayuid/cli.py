@@ -1,0 +1,91 @@
+"""``rayuid`` command line: extract, train, signal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+DEFAULT_CASES = "../shared/data/external/sdpo_signal_cases/signal_analysis_cases.json"
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from rayuid.data.extract import ExtractConfig, NoInteractionsError, run_extract
+
+    config = ExtractConfig(max_user_chars=None if args.no_user_limit else 4096,
+                           languages=args.language or None)
+    try:
+        report = run_extract(args.inputs, args.out, args.report, config)
+    except NoInteractionsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"interactions -> {args.out}" + (f"; report -> {args.report}" if args.report else ""))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rayuid.config import ConfigError, load_config
+    from rayuid.trainer import train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = train(cfg)
+    print(json.dumps({k: summary[k] for k in ("steps_done", "interactions_trained", "first_loss", "final_loss",
+                                              "tokens_per_s", "teacher_time_share")}, indent=2))
+    print(f"\nresults: {summary['run_dir']}\n  summary    {summary['run_dir']}/summary.json\n"
+          f"  metrics    {summary['metrics']}\n  plot       {summary['plot']}\n  checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def _signal(args: argparse.Namespace) -> int:
+    from rayuid.signal import run_signal
+
+    summary = run_signal(args.cases, args.out, args.model, args.template, args.max_new_tokens, args.seed, args.limit)
+    for row in summary["cases"]:
+        print(f"{row['id']:<34} feedback |A| {row['mean_abs_adv_feedback']:.3f}   "
+              f"unrelated |A| {row['mean_abs_adv_unrelated']:.3f}")
+    print(f"mean |A|: feedback {summary['mean_abs_adv_feedback']:.3f}, unrelated {summary['mean_abs_adv_unrelated']:.3f}"
+          f" ({summary['cases_feedback_stronger']}/{summary['num_cases']} cases feedback > unrelated)")
+    print(f"heatmaps and summary.json in {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayuid", description="SDPO from user interactions")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("extract", help="chat logs -> (context, response, followup) interactions")
+    ex.add_argument("inputs", nargs="+", help=".jsonl/.json/.parquet files or HF dataset names/paths (name:split)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--report")
+    ex.add_argument("--language", action="append", help="keep only these `language` values (repeatable)")
+    ex.add_argument("--no-user-limit", action="store_true", help="drop the 4,096-char user-message filter")
+    ex.set_defaults(func=_extract)
+    tr = sub.add_parser("train", help="run a job config (YAML) with optional key=value overrides")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*")
+    tr.set_defaults(func=_train)
+    sg = sub.add_parser("signal", help="per-token hindsight advantage heatmaps (paper §6.8)")
+    sg.add_argument("--cases", default=DEFAULT_CASES)
+    sg.add_argument("--out", required=True)
+    sg.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    sg.add_argument("--template", default="offline")
+    sg.add_argument("--max-new-tokens", type=int)
+    sg.add_argument("--seed", type=int, default=123)
+    sg.add_argument("--limit", type=int, help="only the first N cases")
+    sg.set_defaults(func=_signal)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Job configuration: pydantic models loaded from YAML in ``jobs/`` plus ``key=value`` overrides.
+
+Every model forbids unknown keys, so a typo is an error that names the key, never a silently ignored setting.
+Values are validated, never rewritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rayuid.data.extract import ExtractConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelSettings(_Strict):
+    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """HF hub name or local folder; SmolLM2-135M-Instruct works offline (see rayuid.models)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Dtype of the stored (master) weights."""
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    """bfloat16 = autocast matmuls (fp32 master weights and log-softmax); ~5x faster on CPUs with AMX/avx512_bf16."""
+    lora: LoraSettings | None = None
+    """None = full fine-tuning (the paper's setting); a block = PEFT LoRA adapter."""
+
+
+class DataSettings(_Strict):
+    paths: list[str] = ["rayuid:sample"]
+    """Chat logs or extracted interactions (.jsonl/.json/.parquet/HF dataset); 'rayuid:sample' = the shipped sample."""
+    extract: ExtractConfig = ExtractConfig()
+    max_interactions: int | None = Field(None, ge=1)
+
+
+class TemplateSettings(_Strict):
+    hindsight: str = "paper"
+    """'paper' (Table 1), 'offline' (the offline code's 'insufficient attempt' text) or a string with {followup}."""
+    max_prompt_tokens: int = Field(2048, ge=8)
+    max_response_tokens: int = Field(2048, ge=2)
+    append_eos: bool = True
+
+
+class LossSettings(_Strict):
+    kind: Literal["sampled_token", "reverse_kl", "forward_kl", "jsd"] = "sampled_token"
+    ignore_first_k: int = Field(2, ge=0)
+    center: bool = False
+    adv_clip: float | None = Field(None, gt=0)
+    ratio_clip: float | None = Field(None, gt=0, lt=1)
+    alpha: float = Field(0.5, ge=0, le=1)
+    topk: int | None = Field(None, ge=1)
+    add_tail: bool = True
+    chunk_size: int = Field(1024, ge=1)
+
+
+class TeacherSettings(_Strict):
+    weights: Literal["live", "ema", "frozen"] = "live"
+    """live = current policy (paper); ema = θ_T ← (1−τ)θ_T + τθ after each step; frozen = the initial model."""
+    ema_rate: float = Field(0.05, gt=0, le=1)
+
+
+class OptimSettings(_Strict):
+    lr: float = Field(2e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float | None = Field(10.0, gt=0)
+    micro_batch_size: int = Field(4, ge=1)
+    grad_accum_steps: int = Field(8, ge=1)
+    epochs: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+
+
+class CheckpointSettings(_Strict):
+    every_steps: int | None = Field(None, ge=1)
+    """Save every N optimizer steps (and always at the end); None = only at the end."""
+    keep_last: int = Field(2, ge=1)
+    resume: bool = True
+    """Continue from the newest checkpoint in run_dir/checkpoints if there is one."""
+    save_final: bool = True
+
+
+class TrainConfig(_Strict):
+    run_dir: str = "runs/offline"
+    seed: int = 42
+    threads: int | None = Field(None, ge=1)
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    template: TemplateSettings = TemplateSettings()
+    loss: LossSettings = LossSettings()
+    teacher: TeacherSettings = TeacherSettings()
+    optim: OptimSettings = OptimSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.loss.ratio_clip is not None and self.loss.kind != "sampled_token":
+            raise ValueError("loss.ratio_clip applies to loss.kind=sampled_token only; remove it or change the kind")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used, with the reason and the fix."""
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=1e-5", "model.lora.r=8"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value; write e.g. optim.lr=1e-5")
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a key below a scalar; check the key path")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] = (), model: type[BaseModel] = TrainConfig) -> BaseModel:
+    """Read YAML, apply overrides, validate; errors list every bad key with its location."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist; the shipped configs are in jobs/")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping at the top level, got {type(raw).__name__}")
+    merged = _merge(raw, parse_overrides(list(overrides)))
+    try:
+        return model.model_validate(merged)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"invalid config {path}:\n" + "\n".join(lines)) from None
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,50 @@
+"""Every shipped YAML parses; overrides apply; mistakes are errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rayuid.config import ConfigError, TrainConfig, load_config, parse_overrides
+
+JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_shipped_job_config_parses(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, TrainConfig)
+
+
+def test_paper_offline_setting():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / "offline_wildfeedback_qwen3_8b.yaml")
+    assert cfg.optim.lr == 2e-6 and cfg.optim.schedule == "cosine" and cfg.optim.warmup_ratio == 0.05
+    assert cfg.optim.epochs == 2 and cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps == 32
+    assert cfg.loss.ignore_first_k == 2 and cfg.teacher.weights == "live"
+
+
+def test_overrides_are_parsed_as_yaml_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: x\noptim:\n  lr: 1.0e-5\n")
+    cfg = load_config(path, ["optim.lr=3e-4", "model.lora.r=8", "data.paths=[a.jsonl, b.jsonl]", "loss.adv_clip="])
+    assert cfg.optim.lr == 3e-4 and cfg.model.lora.r == 8 and cfg.data.paths == ["a.jsonl", "b.jsonl"]
+    assert cfg.loss.adv_clip is None
+    assert parse_overrides(["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+
+
+def test_mistakes_name_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  learning_rate: 1.0e-5\n")
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_config(path)
+    path.write_text("optim:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["optim.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("loss:\n  kind: jsd\n  ratio_clip: 0.2\n")
+    with pytest.raises(ConfigError, match="ratio_clip"):
+        load_config(path)
