@@ -27,16 +27,23 @@ def _extract(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from rayuid.config import ConfigError, load_config
-    from rayuid.trainer import train
-
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary = train(cfg)
-    print(json.dumps({k: summary[k] for k in ("steps_done", "interactions_trained", "first_loss", "final_loss",
-                                              "tokens_per_s", "teacher_time_share")}, indent=2))
+    if cfg.ray is None:
+        from rayuid.trainer import train
+
+        summary = train(cfg)
+        keys = ("steps_done", "interactions_trained", "first_loss", "final_loss", "tokens_per_s", "teacher_time_share")
+    else:
+        from rayuid.driver import run
+
+        summary = run(cfg)
+        keys = ("mode", "steps_done", "interactions_trained", "first_loss", "final_loss", "final_version",
+                "interactions_per_s", "seconds_per_phase")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"\nresults: {summary['run_dir']}\n  summary    {summary['run_dir']}/summary.json\n"
           f"  metrics    {summary['metrics']}\n  plot       {summary['plot']}\n  checkpoint {summary['checkpoint']}")
     return 0

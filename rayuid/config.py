@@ -92,6 +92,89 @@ class CheckpointSettings(_Strict):
     save_final: bool = True
 
 
+class Resources(_Strict):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = {}
+    """Custom Ray resources, e.g. {learner: 0.01} to pin a role to the node type that advertises `learner`."""
+
+
+class EngineSettings(_Strict):
+    """vLLM engine arguments shared by rollout, teacher and LLM-user engines (see vllm.LLM)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int = Field(2048, ge=16)
+    kv_cache_memory_bytes: int | None = Field(256 << 20, ge=1 << 20)
+    """CPU: KV cache size (vLLM otherwise reserves 92% of a NUMA node). Set null and use gpu_memory_utilization on GPU."""
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    enforce_eager: bool = True
+    max_lora_rank: int = Field(16, ge=1)
+    max_loras: int = Field(2, ge=1)
+    extra: dict = {}
+    """Any other vllm.LLM keyword arguments, passed through unchanged."""
+
+
+class RaySettings(_Strict):
+    """Where and how the actors run. Present = the Ray system; absent = the single-process offline trainer."""
+
+    address: str | None = None
+    """None: join RAY_ADDRESS if set (as under `ray job submit`), else start a local single-node Ray."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a locally started Ray (None = all)."""
+    learners: int = Field(1, ge=1)
+    learner: Resources = Resources()
+    rollout_workers: int = Field(1, ge=1)
+    teacher_workers: int = Field(0, ge=0)
+    """0 = the teacher scores on the rollout engines (one engine per worker, needed on 2 cores)."""
+    engine: Resources = Resources()
+    user: Resources = Resources(num_cpus=0.0)
+    teacher_in: Literal["vllm", "learner"] = "vllm"
+    """vllm = one batched prefill (prompt_logprobs) on the live policy; learner = a no-grad forward in the learner."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = "PACK"
+    sync_timeout_s: float = Field(300.0, gt=0)
+    call_timeout_s: float = Field(900.0, gt=0)
+    max_restarts: int = Field(3, ge=0)
+    vllm: EngineSettings = EngineSettings()
+
+
+class SamplingSettings(_Strict):
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+
+
+class UserSettings(_Strict):
+    kind: Literal["rule", "llm"] = "rule"
+    persona: str = "concise"
+    """A persona name from rayuid.users.PERSONAS."""
+    params: dict[str, float] = {}
+    """Persona parameters, e.g. {max_words: 30} for concise."""
+    model: str | None = None
+    """LLM simulator model (default: the policy's base model)."""
+    max_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0)
+
+
+class OnlineSettings(_Strict):
+    """Online SDPO (paper Algorithm 1): sample → simulated user → score → learn → publish."""
+
+    prompts: list[str] = ["rayuid:prompts"]
+    """Prompt sources: interaction/chat files (their contexts are used) or 'rayuid:prompts' (shipped prompts)."""
+    prompt_field: str = "prompt"
+    """For records that hold a plain-text prompt: its (dotted) field, e.g. `prompt` (HelpSteer2), `info.post` (TL;DR)."""
+    max_prompt_chars: int = Field(4096, ge=1)
+    heldout_prompts: int = Field(0, ge=0)
+    """The last N prompts are kept out of training (for evaluation)."""
+    system_prompt: str | None = None
+    prompts_per_step: int = Field(8, ge=1)
+    steps: int = Field(10, ge=1)
+    max_staleness: int = Field(0, ge=0)
+    sampling: SamplingSettings = SamplingSettings()
+    user: UserSettings = UserSettings()
+
+
 class TrainConfig(_Strict):
     run_dir: str = "runs/offline"
     seed: int = 42
@@ -103,11 +186,31 @@ class TrainConfig(_Strict):
     teacher: TeacherSettings = TeacherSettings()
     optim: OptimSettings = OptimSettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
+    ray: RaySettings | None = None
+    online: OnlineSettings | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.loss.ratio_clip is not None and self.loss.kind != "sampled_token":
             raise ValueError("loss.ratio_clip applies to loss.kind=sampled_token only; remove it or change the kind")
+        if self.online is not None and self.ray is None:
+            raise ValueError("online training runs on the Ray system: add a `ray:` block (it may be empty: `ray: {}`)")
+        if self.ray is not None:
+            need = self.template.max_prompt_tokens + self.template.max_response_tokens
+            if need > self.ray.vllm.max_model_len:
+                raise ValueError(f"ray.vllm.max_model_len={self.ray.vllm.max_model_len} cannot hold a prompt of "
+                                 f"template.max_prompt_tokens + a reply of template.max_response_tokens ({need}); "
+                                 "raise max_model_len or lower the template limits")
+        if self.online is not None and self.online.sampling.max_tokens > self.template.max_response_tokens:
+            raise ValueError("online.sampling.max_tokens exceeds template.max_response_tokens; lower the first or "
+                             "raise the second")
+        if self.ray is not None and self.ray.teacher_in == "vllm":
+            if self.teacher.weights != "live":
+                raise ValueError(f"teacher.weights={self.teacher.weights} needs ray.teacher_in=learner: the vLLM "
+                                 "engines serve the live policy only")
+            if self.loss.kind != "sampled_token":
+                raise ValueError(f"loss.kind={self.loss.kind} needs full teacher distributions; set "
+                                 "ray.teacher_in=learner (vLLM scoring returns sampled-token log-probs)")
         return self
 
 

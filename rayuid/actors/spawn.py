@@ -1,0 +1,180 @@
+"""The one place that applies ``ray.remote``: connect to Ray, reserve resources, start every actor.
+
+Resources come from the job config (``ray:`` block): a single placement group holds one bundle per learner rank,
+per inference engine and (if it needs resources) for the user simulator, so a job either gets everything it asked
+for or fails with a message that says what was missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayuid.actors.inference import RolloutWorker, SharedEngineWorker, TeacherWorker, start_engine
+from rayuid.actors.learner import LearnerWorker
+from rayuid.actors.user import UserSimulatorWorker
+from rayuid.actors.weight_sync import WeightSyncActor
+from rayuid.config import Resources, TrainConfig
+
+log = logging.getLogger(__name__)
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be reached or could not provide the requested resources."""
+
+
+def connect(address: str | None, num_cpus: int | None) -> None:
+    """Join ``address`` / RAY_ADDRESS (e.g. under `ray job submit`), or start a local single-node Ray."""
+    if ray.is_initialized():
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if target:
+            ray.init(address=target)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ClusterError(
+            f"could not connect to the Ray cluster at {target!r}: {err}. Start one with `ray start --head`, pass its "
+            "address (ray.address=... or RAY_ADDRESS), or remove ray.address to run on a local single-node Ray. "
+            "Ray 2.60 heads use token auth by default: set RAY_AUTH_MODE=token on the client."
+        ) from err
+
+
+def run_tag(cfg: TrainConfig) -> str:
+    """Actor-name prefix unique to a run directory (names let operators and tests find an engine)."""
+    import hashlib
+
+    return "rayuid-" + hashlib.sha1(os.path.abspath(cfg.run_dir).encode()).hexdigest()[:8]
+
+
+def _bundle(res: Resources) -> dict:
+    return {k: v for k, v in (("CPU", res.num_cpus), ("GPU", res.num_gpus), *res.resources.items()) if v > 0}
+
+
+def engine_names(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(rollout engine names, teacher engine names); shared engines appear in both."""
+    rollout = [f"engine{i}" for i in range(cfg.ray.rollout_workers)]
+    teacher = [f"teacher{i}" for i in range(cfg.ray.teacher_workers)] or list(rollout)
+    return rollout, teacher
+
+
+def plan_bundles(cfg: TrainConfig, needs_user_engine: bool) -> list[tuple[str, dict]]:
+    """Pure: (actor name, resource bundle) for everything the job starts, learners first."""
+    r = cfg.ray
+    rollout, teacher = engine_names(cfg)
+    plan = [(f"learner{i}", _bundle(r.learner)) for i in range(r.learners)]
+    plan += [(name, _bundle(r.engine)) for name in dict.fromkeys(rollout + teacher)]
+    if needs_user_engine or _bundle(r.user):
+        plan.append(("user", _bundle(r.user) or _bundle(r.engine)))
+    empty = [name for name, b in plan if not b]
+    if empty:
+        raise ClusterError(f"actors {empty} were given no CPU or GPU; give every role num_cpus > 0 or num_gpus > 0")
+    return plan
+
+
+@dataclass
+class System:
+    learners: list
+    engines: dict
+    rollout: list[str]
+    teacher: list[str]
+    sync: object
+    user: object | None
+    pg: object
+    bundle_of: dict = field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        for handle in [*self.learners, *self.engines.values(), self.sync, self.user]:
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+        remove_placement_group(self.pg)
+
+
+def _options(pg, index: int, bundle: dict, **extra) -> dict:
+    """Actor options: its bundle of the placement group, and env vars merged into the job's runtime env."""
+    strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+    return dict(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), resources=custom,
+                scheduling_strategy=strategy, runtime_env={"env_vars": ACTOR_ENV}, **extra)
+
+
+def reserve(cfg: TrainConfig, plan: list[tuple[str, dict]]):
+    pg = placement_group([b for _, b in plan], strategy=cfg.ray.placement_strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=cfg.ray.call_timeout_s)
+    if not ready:
+        need = {k: sum(b.get(k, 0) for _, b in plan) for k in ("CPU", "GPU")}
+        remove_placement_group(pg)
+        raise ClusterError(f"the cluster could not provide {need} for {len(plan)} actors within "
+                           f"{cfg.ray.call_timeout_s:.0f}s (it has {ray.cluster_resources()}). Lower the ray.* "
+                           "resources, or add nodes / let the autoscaler add them.")
+    return pg
+
+
+def start_learners(cfg: TrainConfig, pg, bundle_of: dict, total_steps: int) -> list:
+    """Learner ranks; rank 0 picks the rendezvous port on its own node, every rank joins it."""
+    cls = ray.remote(LearnerWorker)
+    n = cfg.ray.learners
+    learners = [cls.options(**_options(pg, bundle_of[f"learner{i}"][0], bundle_of[f"learner{i}"][1],
+                                       max_restarts=0)).remote(cfg.model_dump(mode="json"), i, n, total_steps)
+                for i in range(n)]
+    addr, port = ray.get([learners[0].node_ip.remote(), learners[0].free_port.remote()])
+    ray.get([l.setup.remote(addr, port) for l in learners], timeout=cfg.ray.call_timeout_s)
+    return learners
+
+
+def _start_engines(cfg: TrainConfig, pg, bundle_of: dict) -> tuple[dict, list[str], list[str]]:
+    rollout, teacher = engine_names(cfg)
+    settings = cfg.ray.vllm.model_dump(mode="json")
+    lora = cfg.model.lora is not None
+    engines = {}
+    for i, name in enumerate(dict.fromkeys(rollout + teacher)):
+        cls = SharedEngineWorker if (name in rollout and name in teacher) else (
+            RolloutWorker if name in rollout else TeacherWorker)
+        opts = _options(pg, *bundle_of[name], max_restarts=cfg.ray.max_restarts, max_task_retries=0,
+                        name=f"{run_tag(cfg)}-{name}")
+        threads = max(1, int(bundle_of[name][1].get("CPU", 1)))
+        engines[name] = ray.remote(cls).options(**opts).remote(cfg.model.name, settings, lora, cfg.seed + i, threads)
+    return engines, rollout, teacher
+
+
+def _start_user(cfg: TrainConfig, pg, bundle_of: dict):
+    user = cfg.online.user
+    factory = None
+    if user.kind == "llm":
+        factory = functools.partial(start_engine, user.model or cfg.model.name, cfg.ray.vllm.model_dump(mode="json"),
+                                    False, cfg.seed, 1)
+    opts = _options(pg, *bundle_of["user"]) if "user" in bundle_of else {"num_cpus": 0,
+                                                                        "runtime_env": {"env_vars": ACTOR_ENV}}
+    opts.update(max_restarts=cfg.ray.max_restarts, max_task_retries=0)
+    params = {**user.params, "max_tokens": user.max_tokens, "temperature": user.temperature}
+    return ray.remote(UserSimulatorWorker).options(**opts).remote(user.kind, user.persona, params, factory)
+
+
+def _wait_ready(engines: dict, timeout_s: float) -> None:
+    for name, handle in engines.items():
+        try:
+            ray.get(handle.version.remote(), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            raise ClusterError(f"inference engine {name} failed to start: {err}") from err
+
+
+def build_system(cfg: TrainConfig, total_steps: int) -> System:
+    """Start every actor and wait until each is ready; errors name the role that failed."""
+    needs_user_engine = cfg.online is not None and cfg.online.user.kind == "llm"
+    plan = plan_bundles(cfg, needs_user_engine)
+    pg = reserve(cfg, plan)
+    bundle_of = {name: (i, b) for i, (name, b) in enumerate(plan)}
+    learners = start_learners(cfg, pg, bundle_of, total_steps)
+    engines, rollout, teacher = _start_engines(cfg, pg, bundle_of)
+    user = _start_user(cfg, pg, bundle_of) if cfg.online is not None else None
+    _wait_ready(engines, cfg.ray.call_timeout_s)
+    sync = ray.remote(WeightSyncActor).options(num_cpus=0).remote(learners, engines, cfg.ray.sync_timeout_s)
+    return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of)

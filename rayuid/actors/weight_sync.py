@@ -1,0 +1,96 @@
+"""WeightSyncActor: owns the policy version and the order of a publish.
+
+publish(): every learner rank takes part in gathering the full weights (or the LoRA adapter); rank 0 alone puts
+them in the object store as ONE object; the actor hands that object to every inference engine; each loads it and
+reports (version, checksum); only when all match does publish return. Every wait has a timeout that names the
+engine. A restarted engine is brought to the current version with ``sync_engine``.
+
+On GPU clusters the same interface is where vLLM's NCCL weight-transfer engine belongs; it is not implemented yet
+(see README): the object-store transport below is used on CPU and GPU alike.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from rayuid.sync import PublishReport, check_loaded, timeout_error
+
+DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+class WeightSyncActor:
+    def __init__(self, learners: list, engines: dict, timeout_s: float = 300.0, version: int = 0):
+        self.learners = learners
+        self.engines = dict(engines)
+        self.timeout_s = timeout_s
+        self.version = version
+        self.blob_ref = None
+        self.checksum = ""
+
+    def publish(self) -> dict:
+        version = self.version + 1
+        t0 = time.perf_counter()
+        exports = self._wait({f"learner{r}": l.export_weights.remote(version) for r, l in enumerate(self.learners)},
+                             version)
+        self.blob_ref, checksum, num_bytes = exports["learner0"]  # [ObjectRef, checksum, bytes] from rank 0 only
+        t1 = time.perf_counter()
+        reports = self._load(list(self.engines), version)
+        check_loaded(version, checksum, reports)
+        self.version, self.checksum = version, checksum
+        report = PublishReport(version, checksum, num_bytes, t1 - t0, time.perf_counter() - t1,
+                               {n: v for n, (v, _) in reports.items()})
+        return report.to_json()
+
+    def sync_engine(self, name: str) -> int:
+        """Load the current version into one (e.g. restarted) engine; returns the version it now serves."""
+        self._wait_alive(name)
+        if self.blob_ref is None:
+            return 0
+        check_loaded(self.version, self.checksum, self._load([name], self.version))
+        return self.version
+
+    def _load(self, names: list[str], version: int) -> dict:
+        """Fan the current blob out; an engine that dies meanwhile is reloaded once Ray has restarted it."""
+        refs = {n: self.engines[n].load_weights.remote(self.blob_ref) for n in names}
+        ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            raise timeout_error(version, [n for n, r in refs.items() if r in pending], self.timeout_s)
+        reports = {}
+        for name, ref in refs.items():
+            try:
+                reports[name] = ray.get(ref)
+            except DIED:
+                self._wait_alive(name)
+                reports[name] = ray.get(self.engines[name].load_weights.remote(self.blob_ref), timeout=self.timeout_s)
+        return reports
+
+    def _wait_alive(self, name: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                ray.get(self.engines[name].version.remote(), timeout=self.timeout_s)
+                return
+            except DIED:
+                if time.monotonic() > deadline:
+                    raise timeout_error(self.version, [name], self.timeout_s) from None
+                time.sleep(0.5)
+
+    def resume_at(self, version: int) -> None:
+        """After a restore: the next publish is ``version + 1``."""
+        self.version = version
+
+    def set_learners(self, learners: list) -> None:
+        """After the learner group was rebuilt."""
+        self.learners = learners
+
+    def current(self) -> dict:
+        return {"version": self.version, "checksum": self.checksum}
+
+    def _wait(self, refs: dict, version: int) -> dict:
+        names = {ref: name for name, ref in refs.items()}
+        ready, pending = ray.wait(list(names), num_returns=len(names), timeout=self.timeout_s)
+        if pending:
+            raise timeout_error(version, [names[r] for r in pending], self.timeout_s)
+        return {names[r]: ray.get(r) for r in ready}

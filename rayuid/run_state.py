@@ -1,0 +1,120 @@
+"""What a Ray run trains on, where its checkpoints live, and its summary (plain functions for the driver)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from rayuid.config import TrainConfig
+from rayuid.ledger import Ledger
+from rayuid.plots import plot_metrics
+from rayuid.prompts import Prompt, load_prompts, split_heldout
+from rayuid.templates import ScoringPair, TemplateOptions
+from rayuid.trainer import example_order, load_pairs
+
+DRIVER_STATE = "driver_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class RunSource:
+    """Online: the prompt pool. Offline: the tokenised interactions and their seeded order."""
+
+    mode: str
+    total_steps: int
+    options: TemplateOptions
+    run_dir: Path
+    prompts: list[Prompt] = field(default_factory=list)
+    pairs: list[ScoringPair] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    batch_size: int = 0
+
+    def offline_batch(self, step: int) -> tuple[list[ScoringPair], list[str]]:
+        """The step's pairs and their ledger ids (``id@e{epoch}``: a second epoch is not a repeat)."""
+        lo = step * self.batch_size
+        idx = self.order[lo: lo + self.batch_size]
+        epochs = [(lo + k) // len(self.pairs) for k in range(len(idx))]
+        return [self.pairs[i] for i in idx], [f"{self.pairs[i].id}@e{e}" for i, e in zip(idx, epochs)]
+
+    def write_samples(self, step: int, samples: list, versions: list[int]) -> None:
+        """Every online interaction with its versions, to ``samples.jsonl``."""
+        with (self.run_dir / "samples.jsonl").open("a") as fh:
+            for s, v in zip(samples, versions):
+                fh.write(json.dumps({"step": step, "id": s.id, "prompt_id": s.prompt.id,
+                                     "prompt": s.prompt.messages[-1]["content"], "response": s.generation.text,
+                                     "followup": s.followup, "gen_version": s.generation.version,
+                                     "score_version": v}, ensure_ascii=False) + "\n")
+
+
+def build_source(cfg: TrainConfig, tokenizer) -> RunSource:
+    t = cfg.template
+    options = TemplateOptions(t.hindsight, t.max_prompt_tokens, t.max_response_tokens, t.append_eos)
+    run_dir = Path(cfg.run_dir)
+    if cfg.online is not None:
+        o = cfg.online
+        prompts, _ = split_heldout(load_prompts(o.prompts, o.system_prompt, o.prompt_field, o.max_prompt_chars),
+                                   o.heldout_prompts)
+        return RunSource("online", cfg.online.steps, options, run_dir, prompts=prompts)
+    pairs, report = load_pairs(cfg, tokenizer)
+    (run_dir / "extract_report.json").write_text(json.dumps(report, indent=2))
+    batch = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.ray.learners
+    order = example_order(len(pairs), cfg.optim.epochs, cfg.seed)
+    total = min(math.ceil(len(order) / batch), cfg.optim.max_steps or 10**12)
+    return RunSource("offline", total, options, run_dir, pairs=pairs, order=order, batch_size=batch)
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    complete = [p for _, p in found if (p / DRIVER_STATE).exists()]
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(cfg: TrainConfig, system, step: int, version: int, ledger: Ledger) -> Path:
+    """All learner ranks write their shards; the driver state (step, version, ledger) rides along."""
+    path = checkpoint_dir(cfg.run_dir, step).absolute()
+    extra = {"step": step, "version": version, "ledger": ledger.to_json()}
+    ray.get([l.save_checkpoint.remote(str(path.resolve()), extra) for l in system.learners],
+            timeout=cfg.ray.call_timeout_s)  # the learners also write `extra` as driver_state.json
+    _prune(Path(cfg.run_dir), cfg.checkpoint.keep_last)
+    return path
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    import shutil
+
+    root = run_dir / "checkpoints"
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for _, old in found[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def finish(cfg: TrainConfig, records: list[dict], ledger: Ledger, source: RunSource) -> dict:
+    run_dir = Path(cfg.run_dir)
+    counts = ledger.counts()
+    phases = ("generate_s", "simulate_s", "score_s", "learn_s", "sync_s")
+    summary = dict(
+        run_dir=str(run_dir), mode=source.mode, steps_done=len(records), total_steps=source.total_steps,
+        interactions_trained=sum(counts.values()), interactions_trained_twice=sum(1 for n in counts.values() if n > 1),
+        first_loss=records[0]["loss"] if records else None, final_loss=records[-1]["loss"] if records else None,
+        final_version=records[-1]["version"] if records else 0,
+        seconds_per_phase={p: sum(r.get(p, 0.0) for r in records) for p in phases},
+        interactions_per_s=sum(r["interactions"] for r in records) / max(sum(r["seconds"] for r in records), 1e-9),
+        checkpoint=str(latest_checkpoint(run_dir) or ""), metrics=str(run_dir / "metrics.jsonl"),
+        plot=str(plot_metrics(records, run_dir / "metrics.png", ("loss", "adv_mean", "mean_reply_words")))
+        if records else None,
+    )
+    (run_dir / "ledger.json").write_text(json.dumps(ledger.to_json()))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

