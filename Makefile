@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rayuid train jobs/offline_smollm2_sample.yaml
+	$(BIN)/rayuid train jobs/online_smollm2_concise.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -44,6 +44,8 @@ def _train(args: argparse.Namespace) -> int:
         keys = ("mode", "steps_done", "interactions_trained", "first_loss", "final_loss", "final_version",
                 "interactions_per_s", "seconds_per_phase")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    if summary.get("eval_table"):
+        print("\n" + summary["eval_table"] + f"\n\nheld-out curve: {summary['eval_curve']}")
     print(f"\nresults: {summary['run_dir']}\n  summary    {summary['run_dir']}/summary.json\n"
           f"  metrics    {summary['metrics']}\n  plot       {summary['plot']}\n  checkpoint {summary['checkpoint']}")
     return 0

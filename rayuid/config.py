@@ -97,6 +97,12 @@ class Resources(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     resources: dict[str, float] = {}
     """Custom Ray resources, e.g. {learner: 0.01} to pin a role to the node type that advertises `learner`."""
+    threads: int | None = Field(None, ge=1)
+    """torch/OpenMP threads inside the actor (default: its whole-CPU count, at least 1). On a small machine where
+    the phases run one after another, letting each actor use every core is faster."""
+
+    def num_threads(self) -> int:
+        return self.threads or max(1, int(self.num_cpus))
 
 
 class EngineSettings(_Strict):
@@ -166,7 +172,9 @@ class OnlineSettings(_Strict):
     """For records that hold a plain-text prompt: its (dotted) field, e.g. `prompt` (HelpSteer2), `info.post` (TL;DR)."""
     max_prompt_chars: int = Field(4096, ge=1)
     heldout_prompts: int = Field(0, ge=0)
-    """The last N prompts are kept out of training (for evaluation)."""
+    """The last N prompts are kept out of training and used for the held-out evaluation."""
+    eval_every: int | None = Field(None, ge=1)
+    """Evaluate on the held-out prompts (greedy) before training, every N steps and at the end."""
     system_prompt: str | None = None
     prompts_per_step: int = Field(8, ge=1)
     steps: int = Field(10, ge=1)
@@ -201,6 +209,8 @@ class TrainConfig(_Strict):
                 raise ValueError(f"ray.vllm.max_model_len={self.ray.vllm.max_model_len} cannot hold a prompt of "
                                  f"template.max_prompt_tokens + a reply of template.max_response_tokens ({need}); "
                                  "raise max_model_len or lower the template limits")
+        if self.online is not None and self.online.eval_every and not self.online.heldout_prompts:
+            raise ValueError("online.eval_every needs online.heldout_prompts > 0 (the prompts to evaluate on)")
         if self.online is not None and self.online.sampling.max_tokens > self.template.max_response_tokens:
             raise ValueError("online.sampling.max_tokens exceeds template.max_response_tokens; lower the first or "
                              "raise the second")

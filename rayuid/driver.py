@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from rayuid import phases
 from rayuid.actors import spawn
 from rayuid.config import TrainConfig, dump_config
+from rayuid.evaluation import HeldoutEval
 from rayuid.ledger import Ledger
 from rayuid.models import load_tokenizer, resolve_model
 from rayuid.prompts import prompts_for_step
@@ -38,6 +39,7 @@ class Run:
     tokenizer: object
     source: RunSource
     ledger: Ledger = field(default_factory=Ledger)
+    evaluator: HeldoutEval | None = None
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1))
 
     @property
@@ -55,24 +57,53 @@ def run(cfg: TrainConfig) -> dict:
     source = build_source(cfg, tokenizer)
     system = spawn.build_system(cfg, source.total_steps)
     r = Run(cfg, system, tokenizer, source)
+    if cfg.online is not None and cfg.online.eval_every:
+        r.evaluator = HeldoutEval(cfg, source.heldout, source.options)
     try:
-        start = restore(r)
-        metrics = MetricsLog(run_dir / "metrics.jsonl", start)
-        loop(r, start, metrics)
-        return finish(cfg, metrics.records(), r.ledger, source)
+        metrics = train_with_recovery(r)
+        summary = finish(cfg, metrics.records(), r.ledger, source)
+        if r.evaluator is not None and r.evaluator.points:
+            summary["eval_table"] = r.evaluator.finish(run_dir)
+            summary["eval_curve"] = str(run_dir / "eval_curve.png")
+        return summary
     finally:
         r.pool.shutdown(wait=False)
         system.shutdown()
 
 
-def restore(r: Run) -> int:
-    """Resume from the newest checkpoint: learners load it, engines get its weights, the ledger is restored."""
+def train_with_recovery(r: Run) -> MetricsLog:
+    """Train; if a learner rank dies, rebuild the group and resume everything from the last checkpoint."""
+    run_dir = Path(r.cfg.run_dir)
+    for attempt in range(r.cfg.ray.max_restarts + 1):
+        start = restore(r, republish=attempt > 0)
+        metrics = MetricsLog(run_dir / "metrics.jsonl", start)
+        r.source.truncate_samples(start)
+        try:
+            loop(r, start, metrics)
+            return metrics
+        except phases.ACTOR_DIED as err:
+            if attempt == r.cfg.ray.max_restarts:
+                raise
+            log.warning("a learner died (%s); rebuilding the group from the last checkpoint", type(err).__name__)
+            r.system.learners = spawn.restart_learners(r.cfg, r.system, r.source.total_steps)
+            ray.get(r.system.sync.set_learners.remote(r.system.learners))
+    raise AssertionError("unreachable")
+
+
+def restore(r: Run, republish: bool = False) -> int:
+    """Resume from the newest checkpoint: learners load it, engines get its weights (same version number), the
+    ledger is restored. Without a checkpoint a rebuilt group starts over and republishes its initial weights."""
     path = latest_checkpoint(r.cfg.run_dir) if r.cfg.checkpoint.resume else None
     if path is None:
+        r.ledger = Ledger()
+        if republish:
+            ray.get(r.system.sync.resume_at.remote(-1))
+            ray.get(r.system.sync.publish.remote(), timeout=r.timeout)
         return 0
-    extra = ray.get([l.load_checkpoint.remote(str(path)) for l in r.system.learners], timeout=r.timeout)[0]
+    extra = ray.get([l.load_checkpoint.remote(str(path.absolute())) for l in r.system.learners],
+                    timeout=r.timeout)[0]
     r.ledger = Ledger.from_json(extra["ledger"])
-    ray.get(r.system.sync.resume_at.remote(extra["version"]))
+    ray.get(r.system.sync.resume_at.remote(extra["version"] - 1))  # republish the checkpoint's weights as its version
     ray.get(r.system.sync.publish.remote(), timeout=r.timeout)
     log.info("resumed from %s at step %d", path, extra["step"])
     return int(extra["step"])
@@ -82,6 +113,8 @@ def loop(r: Run, start: int, metrics: MetricsLog) -> None:
     total = r.source.total_steps
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"sdpo {r.source.mode}", unit="step")
     pending = None
+    if r.evaluator is not None:
+        r.evaluator(r.system, r.tokenizer, start * r.cfg.online.prompts_per_step, start)   # base (or resumed) policy
     for step in bar:
         t0 = time.perf_counter()
         if r.source.mode == "online":
@@ -92,6 +125,9 @@ def loop(r: Run, start: int, metrics: MetricsLog) -> None:
         metrics.write(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", v=record["version"])
         done = step + 1
+        if r.evaluator is not None and (done % r.cfg.online.eval_every == 0 or done == total):
+            point = r.evaluator(r.system, r.tokenizer, done * r.cfg.online.prompts_per_step, record["version"])
+            log.info("held-out eval after %d interactions: %s", point["interactions"], point)
         if (r.cfg.checkpoint.every_steps and done % r.cfg.checkpoint.every_steps == 0) or done == total:
             save_checkpoint(r.cfg, r.system, done, record["version"], r.ledger)
 

@@ -327,7 +327,11 @@ class FsdpLearner:
 
             adapter = get_peft_model_state_dict(self.model, state_dict=state)
             return pack_state_dict(adapter, version, "lora", self.lora_config())
-        return pack_state_dict({k: v for k, v in state.items() if k not in self.tied}, version, "full")
+        serve = self.cfg.ray.vllm.dtype if self.cfg.ray else "auto"
+        cast = getattr(torch, serve) if serve in ("bfloat16", "float16") else None  # engines serve this dtype anyway
+        state = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v)
+                 for k, v in state.items() if k not in self.tied}
+        return pack_state_dict(state, version, "full")
 
     def lora_config(self) -> dict:
         return jsonable(self.model.peft_config["default"].to_dict())

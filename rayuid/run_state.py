@@ -30,6 +30,7 @@ class RunSource:
     options: TemplateOptions
     run_dir: Path
     prompts: list[Prompt] = field(default_factory=list)
+    heldout: list[Prompt] = field(default_factory=list)
     pairs: list[ScoringPair] = field(default_factory=list)
     order: list[int] = field(default_factory=list)
     batch_size: int = 0
@@ -40,6 +41,13 @@ class RunSource:
         idx = self.order[lo: lo + self.batch_size]
         epochs = [(lo + k) // len(self.pairs) for k in range(len(idx))]
         return [self.pairs[i] for i in idx], [f"{self.pairs[i].id}@e{e}" for i, e in zip(idx, epochs)]
+
+    def truncate_samples(self, last_step: int) -> None:
+        """Drop sample records of steps after ``last_step`` (they are redone after a restore)."""
+        path = self.run_dir / "samples.jsonl"
+        if path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
 
     def write_samples(self, step: int, samples: list, versions: list[int]) -> None:
         """Every online interaction with its versions, to ``samples.jsonl``."""
@@ -57,9 +65,9 @@ def build_source(cfg: TrainConfig, tokenizer) -> RunSource:
     run_dir = Path(cfg.run_dir)
     if cfg.online is not None:
         o = cfg.online
-        prompts, _ = split_heldout(load_prompts(o.prompts, o.system_prompt, o.prompt_field, o.max_prompt_chars),
-                                   o.heldout_prompts)
-        return RunSource("online", cfg.online.steps, options, run_dir, prompts=prompts)
+        prompts, heldout = split_heldout(load_prompts(o.prompts, o.system_prompt, o.prompt_field, o.max_prompt_chars),
+                                         o.heldout_prompts)
+        return RunSource("online", cfg.online.steps, options, run_dir, prompts=prompts, heldout=heldout)
     pairs, report = load_pairs(cfg, tokenizer)
     (run_dir / "extract_report.json").write_text(json.dumps(report, indent=2))
     batch = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.ray.learners

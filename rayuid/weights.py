@@ -6,7 +6,7 @@ into a single buffer, it travels as one Ray object, and every engine checks the 
 
 from __future__ import annotations
 
-import hashlib
+import zlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,8 @@ class WeightsBlob:
 
 
 def checksum(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
+    """CRC-32 of the buffer plus its length: catches truncation and corruption at memory speed (not a MAC)."""
+    return f"{zlib.crc32(data):08x}-{len(data)}"
 
 
 def pack_state_dict(state: dict[str, torch.Tensor], version: int, kind: str = "full",
@@ -42,7 +43,7 @@ def pack_state_dict(state: dict[str, torch.Tensor], version: int, kind: str = "f
         raise ValueError(f"weights kind must be 'full' or 'lora', got {kind!r}")
     if kind == "lora" and not lora_config:
         raise ValueError("a LoRA weights blob needs its adapter config (PeftConfig.to_dict())")
-    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}  # save() copies once
     data = st_save(tensors)
     return WeightsBlob(version, kind, data, checksum(data), dict(lora_config or {}))
 

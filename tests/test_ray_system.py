@@ -40,9 +40,16 @@ def _samples(run_dir) -> list[dict]:
 def test_online_run_is_on_policy_and_trains_each_interaction_once(local_ray, tmp_path, tiny_model_dir):
     from rayuid.driver import run
 
-    cfg = _smoke(tmp_path / "run", tiny_model_dir)
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.heldout_prompts=4", "online.eval_every=2")
     summary = run(cfg)
     assert summary["steps_done"] == 3 and summary["final_version"] == 3
+    curve = json.loads((Path(cfg.run_dir) / "eval.json").read_text())
+    assert [p["interactions"] for p in curve["points"]] == [0, 8, 12]
+    assert [p["version"] for p in curve["points"]] == [0, 2, 3]
+    assert curve["points"][0]["win_rate_vs_base"]["rate"] == 0.5  # the base against itself: all ties
+    assert len(curve["samples"]["after"]) == 4 and "adherence" in summary["eval_table"]
+    heldout = set(curve["samples"]["prompts"])
+    assert not heldout & {s["prompt"] for s in _samples(cfg.run_dir)}  # never trained on
     assert summary["interactions_trained"] == 12 and summary["interactions_trained_twice"] == 0
     for s in _samples(cfg.run_dir):
         assert s["gen_version"] == s["score_version"] == s["step"] - 1  # generated and scored by the same policy
@@ -164,3 +171,51 @@ def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer)
                 assert max(abs(a - b) for a, b in zip(got, old)) > 1e-4
     finally:
         system.shutdown()
+
+
+def test_resume_restores_version_ledger_and_data_position(local_ray, tmp_path, tiny_model_dir):
+    from rayuid.driver import run
+
+    first = run(_smoke(tmp_path / "run", tiny_model_dir, "online.steps=2", "checkpoint.every_steps=2"))
+    assert first["final_version"] == 2
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=4", "checkpoint.every_steps=2")
+    second = run(cfg)
+    assert second["steps_done"] == 4 and second["final_version"] == 4
+    assert second["interactions_trained"] == 16 and second["interactions_trained_twice"] == 0
+    samples = _samples(cfg.run_dir)
+    assert sorted({s["step"] for s in samples}) == [1, 2, 3, 4]
+    assert all(s["gen_version"] == s["score_version"] == s["step"] - 1 for s in samples)
+    # the prompts of steps 3-4 are the ones an uninterrupted run uses (data position restored)
+    straight = run(_smoke(tmp_path / "straight", tiny_model_dir, "online.steps=4"))
+    assert straight["steps_done"] == 4
+    by_step = lambda rows: {(s["step"], s["prompt_id"]) for s in rows}  # noqa: E731
+    assert by_step(samples) == by_step(_samples(tmp_path / "straight"))
+
+
+def test_learner_sigkill_resumes_group_from_last_checkpoint(local_ray, tmp_path, tiny_model_dir):
+    import ray
+
+    from rayuid.actors.spawn import run_tag
+    from rayuid.driver import run
+
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=5", "checkpoint.every_steps=2")
+    killed = {}
+
+    def killer():
+        metrics = Path(cfg.run_dir) / "metrics.jsonl"
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+            time.sleep(0.2)
+        name = next(a for a in ray.util.list_named_actors() if a.startswith(f"{run_tag(cfg)}-learner0"))
+        killed["pid"] = ray.get(ray.get_actor(name).pid.remote())
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run(cfg)
+    thread.join(timeout=5)
+    assert killed.get("pid")
+    assert summary["steps_done"] == 5 and summary["interactions_trained"] == 20
+    ledger = json.loads((Path(cfg.run_dir) / "ledger.json").read_text())
+    assert sorted(int(k) for k in ledger) == [1, 2, 3, 4, 5]
+    ids = [i for step in ledger.values() for i in step]
+    assert len(ids) == len(set(ids)) == 20

@@ -7,6 +7,8 @@ collective: the driver calls it on all ranks of the group at once.
 
 from __future__ import annotations
 
+import os
+
 import ray
 import torch
 
@@ -20,13 +22,17 @@ class LearnerWorker:
 
     def __init__(self, cfg_json: dict, rank: int, world_size: int, total_steps: int):
         self.cfg = TrainConfig.model_validate(cfg_json)
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        threads = self.cfg.threads or (self.cfg.ray.learner.num_threads() if self.cfg.ray else None)
+        if threads:
+            torch.set_num_threads(threads)
         self.rank, self.world_size, self.total_steps = rank, world_size, total_steps
         self._learner: fsdp.FsdpLearner | None = None
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -122,12 +123,19 @@ def start_learners(cfg: TrainConfig, pg, bundle_of: dict, total_steps: int) -> l
     """Learner ranks; rank 0 picks the rendezvous port on its own node, every rank joins it."""
     cls = ray.remote(LearnerWorker)
     n = cfg.ray.learners
-    learners = [cls.options(**_options(pg, bundle_of[f"learner{i}"][0], bundle_of[f"learner{i}"][1],
-                                       max_restarts=0)).remote(cfg.model_dump(mode="json"), i, n, total_steps)
-                for i in range(n)]
+    learners = [cls.options(**_options(pg, *bundle_of[f"learner{i}"], max_restarts=0,
+                                       name=f"{run_tag(cfg)}-learner{i}-{time.monotonic_ns()}"))
+                .remote(cfg.model_dump(mode="json"), i, n, total_steps) for i in range(n)]
     addr, port = ray.get([learners[0].node_ip.remote(), learners[0].free_port.remote()])
     ray.get([l.setup.remote(addr, port) for l in learners], timeout=cfg.ray.call_timeout_s)
     return learners
+
+
+def restart_learners(cfg: TrainConfig, system: System, total_steps: int) -> list:
+    """Kill what is left of a learner group (its collectives are broken) and start a fresh one in its bundles."""
+    for handle in system.learners:
+        ray.kill(handle, no_restart=True)
+    return start_learners(cfg, system.pg, system.bundle_of, total_steps)
 
 
 def _start_engines(cfg: TrainConfig, pg, bundle_of: dict) -> tuple[dict, list[str], list[str]]:
@@ -140,7 +148,7 @@ def _start_engines(cfg: TrainConfig, pg, bundle_of: dict) -> tuple[dict, list[st
             RolloutWorker if name in rollout else TeacherWorker)
         opts = _options(pg, *bundle_of[name], max_restarts=cfg.ray.max_restarts, max_task_retries=0,
                         name=f"{run_tag(cfg)}-{name}")
-        threads = max(1, int(bundle_of[name][1].get("CPU", 1)))
+        threads = cfg.ray.engine.num_threads()
         engines[name] = ray.remote(cls).options(**opts).remote(cfg.model.name, settings, lora, cfg.seed + i, threads)
     return engines, rollout, teacher
 
@@ -150,7 +158,7 @@ def _start_user(cfg: TrainConfig, pg, bundle_of: dict):
     factory = None
     if user.kind == "llm":
         factory = functools.partial(start_engine, user.model or cfg.model.name, cfg.ray.vllm.model_dump(mode="json"),
-                                    False, cfg.seed, 1)
+                                    False, cfg.seed, cfg.ray.user.num_threads())
     opts = _options(pg, *bundle_of["user"]) if "user" in bundle_of else {"num_cpus": 0,
                                                                         "runtime_env": {"env_vars": ACTOR_ENV}}
     opts.update(max_restarts=cfg.ray.max_restarts, max_task_retries=0)

@@ -1,0 +1,137 @@
+"""Ray-system benchmarks on SmolLM2-135M-Instruct (CPU here; same script on GPU nodes).
+
+    python benchmarks/ray_system.py [--steps 4] [--out runs/bench/ray_system.json] [--only publish,scoring,e2e]
+
+1. publish  — seconds per weight version (learner export → one object → engine reload) next to one in-memory copy
+              of the same bytes and next to restarting a vLLM engine from a saved checkpoint.
+2. scoring  — teacher tokens/s: one vLLM prefill (prompt_logprobs) vs a transformers no-grad forward, same batch.
+3. e2e      — (and e2e_stale1: with online.max_staleness=1) online SDPO interactions/s (rule-based 'concise' user): the Ray system vs a single-process loop doing
+              what the official code does (HF generate, no-grad teacher forward, student forward/backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "online_smollm2_concise.yaml"
+
+
+def _cfg(run_dir: str, steps: int, *extra: str):
+    from rayuid.config import load_config
+
+    return load_config(JOB, [f"run_dir={run_dir}", f"online.steps={steps}", "checkpoint.every_steps=null",
+                             "checkpoint.save_final=false", *extra])
+
+
+def bench_publish(repeats: int = 3) -> dict:
+    import ray
+
+    from rayuid.actors.spawn import build_system
+    from rayuid.engine import VllmEngine
+    from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _cfg(tmp, 1)
+        system = build_system(cfg, total_steps=1)
+        try:
+            reports = [ray.get(system.sync.publish.remote()) for _ in range(repeats)]
+        finally:
+            system.shutdown()
+        path = resolve_model(cfg.model.name)
+        model = load_causal_lm(path)
+        same_bytes = bytes(reports[0]["bytes"])  # as many bytes as one published version
+        t = time.perf_counter()
+        copied = bytearray(same_bytes)
+        copy_s = time.perf_counter() - t
+        model.save_pretrained(Path(tmp) / "ckpt")
+        load_tokenizer(path).save_pretrained(Path(tmp) / "ckpt")
+        t = time.perf_counter()
+        engine = VllmEngine(str(Path(tmp) / "ckpt"), cfg.ray.vllm)
+        engine.score([[1, 2, 3]], [[4, 5]])
+        restart_s = time.perf_counter() - t
+        del engine, copied
+    per_version = min(r["export_s"] + r["fanout_s"] for r in reports)
+    return {"bytes": reports[0]["bytes"], "publish_s": per_version,
+            "export_s": min(r["export_s"] for r in reports), "fanout_s": min(r["fanout_s"] for r in reports),
+            "memcpy_s": copy_s, "engine_restart_s": restart_s,
+            "publish_over_memcpy": per_version / copy_s, "restart_over_publish": restart_s / per_version}
+
+
+def bench_scoring(batch: int = 8) -> dict:
+    from rayuid.engine import VllmEngine
+    from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
+    from rayuid.scoring import collate, response_logprobs
+    from rayuid.trainer import load_pairs
+
+    cfg = _cfg("/tmp/unused", 1, "online=", "data.paths=[rayuid:sample]")
+    path = resolve_model(cfg.model.name)
+    pairs, _ = load_pairs(cfg, load_tokenizer(path))
+    pairs = pairs[:batch]
+    prompts, responses = [p.teacher_prompt for p in pairs], [p.response for p in pairs]
+    tokens = sum(len(a) + len(b) for a, b in zip(prompts, responses))
+    engine = VllmEngine(path, cfg.ray.vllm)
+    engine.score(prompts, responses)  # warm-up
+    t = time.perf_counter()
+    engine.score(prompts, responses)
+    vllm_s = time.perf_counter() - t
+    del engine
+    model = load_causal_lm(path)
+    batch_in = collate(prompts, responses, 0)
+    with torch.no_grad():
+        response_logprobs(model, batch_in)
+        t = time.perf_counter()
+        response_logprobs(model, batch_in)
+        hf_s = time.perf_counter() - t
+    return {"batch": batch, "tokens": tokens, "vllm_tokens_per_s": tokens / vllm_s, "hf_tokens_per_s": tokens / hf_s,
+            "speedup": hf_s / vllm_s}
+
+
+def bench_e2e(steps: int, staleness: int = 0) -> dict:
+    from rayuid.driver import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _cfg(tmp, steps + 1, f"online.max_staleness={staleness}")
+        run(cfg)
+        records = [json.loads(ln) for ln in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][1:]
+    ray_rate = sum(r["interactions"] for r in records) / sum(r["seconds"] for r in records)
+    from baseline_loop import run_baseline
+
+    base = run_baseline(_cfg("/tmp/unused", steps + 1), steps)
+    return {"steps_timed": steps, "max_staleness": staleness, "ray_interactions_per_s": ray_rate, "baseline_interactions_per_s": base["rate"],
+            "speedup": ray_rate / base["rate"], "ray_phase_s": {k: sum(r[k] for r in records) for k in
+                                                             ("generate_s", "simulate_s", "score_s", "learn_s",
+                                                              "sync_s")}, "baseline_phase_s": base["phases"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--only", default="publish,scoring,e2e,e2e_stale1")
+    parser.add_argument("--out", default="runs/bench/ray_system.json")
+    args = parser.parse_args()
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from rayuid.actors.spawn import connect
+
+    connect(None, None)
+    results = {}
+    for name in args.only.split(","):
+        results[name] = {"publish": bench_publish, "scoring": bench_scoring,
+                         "e2e": lambda: bench_e2e(args.steps),
+                         "e2e_stale1": lambda: bench_e2e(args.steps, staleness=1)}[name]()
+        print(name, json.dumps(results[name], indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Held-out evaluation during online runs: greedy replies of the current policy vs the base model's.
+
+With a rule-checkable persona (concise, no_emojis, ...) the measures are programmatic: adherence (share of replies
+the persona accepts), a pairwise win rate vs the base model's reply to the same prompt (``judges``), and mean
+length. The curve (one point per evaluation) is written to ``eval.json`` and plotted to ``eval_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rayuid import judges, phases
+from rayuid.plots import plt
+
+
+def greedy_replies(system, tokenizer, prompts: list, options, max_tokens: int, timeout_s: float,
+                   retries: int) -> list[str]:
+    """One greedy reply per prompt from the rollout engines (whatever version they serve now)."""
+    sampling = {"n": 1, "temperature": 0.0, "max_tokens": max_tokens}
+    samples = phases.generate(system, tokenizer, prompts, -1, sampling, options, 0, timeout_s, retries)
+    return [s.generation.text for s in samples]
+
+
+def eval_point(persona: str, params: dict, interactions: int, version: int, base: list[str],
+               replies: list[str]) -> dict:
+    """Measures of ``replies`` against the base model's replies to the same held-out prompts."""
+    checkable = judges.verify(persona, "probe", **params) is not None
+    point = {"interactions": interactions, "version": version,
+             "mean_words": sum(len(r.split()) for r in replies) / max(len(replies), 1)}
+    if checkable:
+        outcomes = [judges.programmatic_preference(persona, new, old, **params) for new, old in zip(replies, base)]
+        point["adherence"] = judges.adherence(persona, replies, **params)
+        point["win_rate_vs_base"] = judges.win_rate(outcomes).to_json()
+    return point
+
+
+def write_curve(run_dir: Path, points: list[dict], samples: dict) -> Path:
+    (run_dir / "eval.json").write_text(json.dumps({"points": points, "samples": samples}, indent=2))
+    xs = [p["interactions"] for p in points]
+    panels = [("mean_words", "mean reply words")]
+    if "adherence" in points[0]:
+        panels = [("adherence", "adherence"), ("win_rate_vs_base", "win rate vs base")] + panels
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        ys = [p[key]["rate"] if isinstance(p[key], dict) else p[key] for p in points]
+        ax.plot(xs, ys, marker="o")
+        ax.set_xlabel("training interactions")
+        ax.set_title(f"held-out {title}")
+    fig.tight_layout()
+    out = run_dir / "eval_curve.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def table(points: list[dict], samples: dict) -> str:
+    """A before/after table and a couple of sample replies, for the terminal."""
+    first, last = points[0], points[-1]
+    rows = [f"{'held-out (' + str(len(samples.get('prompts', []))) + ' prompts)':<28}{'before':>10}{'after':>10}"]
+    rows.append(f"{'mean reply words':<28}{first['mean_words']:>10.1f}{last['mean_words']:>10.1f}")
+    if "adherence" in last:
+        rows.append(f"{'adherence':<28}{first['adherence']:>10.2f}{last['adherence']:>10.2f}")
+        wr = last["win_rate_vs_base"]
+        rows.append(f"{'win rate vs base':<28}{'0.50':>10}{wr['rate']:>10.2f}  (±{wr['se']:.2f}; "
+                    f"{wr['wins']}W/{wr['losses']}L/{wr['ties']}T)")
+    for prompt, old, new in list(zip(samples["prompts"], samples["before"], samples["after"]))[:2]:
+        rows += ["", f"prompt: {prompt}", f"  before: {old[:300]}", f"  after:  {new[:300]}"]
+    return "\n".join(rows)
+
+
+class HeldoutEval:
+    """Evaluation state of one run: the base model's replies (the first call) and the curve so far."""
+
+    def __init__(self, cfg, prompts: list, options):
+        self.cfg, self.prompts, self.options = cfg, prompts, options
+        self.base: list[str] | None = None
+        self.points: list[dict] = []
+        self.last: list[str] = []
+
+    def __call__(self, system, tokenizer, interactions: int, version: int) -> dict:
+        o = self.cfg.online
+        replies = greedy_replies(system, tokenizer, self.prompts, self.options, o.sampling.max_tokens,
+                                 self.cfg.ray.call_timeout_s, self.cfg.ray.max_restarts)
+        if self.base is None:
+            self.base = replies
+        self.last = replies
+        point = eval_point(o.user.persona, dict(o.user.params), interactions, version, self.base, replies)
+        self.points.append(point)
+        return point
+
+    def finish(self, run_dir: Path) -> str:
+        samples = {"prompts": [p.messages[-1]["content"] for p in self.prompts], "before": self.base,
+                   "after": self.last}
+        write_curve(run_dir, self.points, samples)
+        return table(self.points, samples)

@@ -1,0 +1,35 @@
+"""Held-out evaluation arithmetic: adherence, win rate vs base, the table."""
+
+from __future__ import annotations
+
+import pytest
+
+from rayuid.evaluation import eval_point, table, write_curve
+
+
+def test_eval_point_for_a_checkable_persona():
+    base = ["word " * 60, "word " * 50, "short answer here", "word " * 45]
+    after = ["word " * 10, "word " * 55, "short answer here", "word " * 30]
+    point = eval_point("concise", {}, 40, 5, base, after)
+    assert point["adherence"] == pytest.approx(3 / 4)  # 10, 3 and 30 words pass; 55 fails
+    wr = point["win_rate_vs_base"]
+    # pair 1: pass vs fail -> win; pair 2: both fail, 55 vs 50 words (10% rule: 55*0.1=5.5 > 5) -> tie;
+    # pair 3: identical -> tie; pair 4: pass vs fail -> win
+    assert (wr["wins"], wr["losses"], wr["ties"]) == (2, 0, 2) and wr["rate"] == 1.0
+    assert point["mean_words"] == pytest.approx((10 + 55 + 3 + 30) / 4)
+    assert (point["interactions"], point["version"]) == (40, 5)
+
+
+def test_uncheckable_persona_reports_length_only():
+    point = eval_point("concise_casual_beginner", {}, 0, 0, ["a b"], ["a b c"])
+    assert "adherence" not in point and point["mean_words"] == 3
+
+
+def test_table_and_curve(tmp_path):
+    base = ["word " * 60, "word " * 70]
+    points = [eval_point("concise", {}, 0, 0, base, base), eval_point("concise", {}, 16, 2, base, ["ok", "fine"])]
+    samples = {"prompts": ["p1", "p2"], "before": base, "after": ["ok", "fine"]}
+    text = table(points, samples)
+    assert "adherence" in text and "1.00" in text and "prompt: p1" in text
+    assert write_curve(tmp_path, points, samples).stat().st_size > 1000
+    assert (tmp_path / "eval.json").exists()
