@@ -49,3 +49,14 @@ def test_mistakes_name_the_key(tmp_path):
     path.write_text("loss:\n  kind: jsd\n  ratio_clip: 0.2\n")
     with pytest.raises(ConfigError, match="ratio_clip"):
         load_config(path)
+
+
+def test_unreachable_cluster_is_a_clear_error():
+    import ray
+
+    from rayuid.actors.spawn import ClusterError, connect
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    with pytest.raises(ClusterError, match="ray start --head"):
+        connect("127.0.0.1:1", None)

@@ -79,3 +79,20 @@ def test_lora_version_is_served_under_a_new_request(engine, tiny_model_dir):
 def test_chat_returns_text(engine):
     out = engine.chat([[{"role": "user", "content": "Hello"}]], max_tokens=5, temperature=0.0)
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_llm_user_simulator_on_a_real_engine(engine):
+    from rayuid.users import LLMUserSimulator, make_persona
+
+    user = LLMUserSimulator(make_persona("concise"), engine.chat, max_tokens=8, temperature=0.0)
+    followups = user.respond(["Tell me about Paris."], ["Paris is the capital of France."])
+    assert len(followups) == 1 and isinstance(followups[0], str) and followups[0]
+    assert user.calls == 1
+
+
+def test_engine_that_cannot_start_says_what_to_change(tmp_path):
+    from rayuid.engine import EngineStartError, VllmEngine
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(EngineStartError, match="ray.vllm"):
+        VllmEngine(str(tmp_path), SETTINGS)

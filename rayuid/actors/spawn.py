@@ -36,17 +36,36 @@ def connect(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS")
+    if target and not _reachable(target):
+        raise ClusterError(f"no Ray cluster answers at {target!r} (TCP connect failed). Start one with "
+                           "`ray start --head`, fix ray.address / RAY_ADDRESS, or remove both to run on a local "
+                           "single-node Ray.")
     try:
         if target:
             ray.init(address=target)
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except (ConnectionError, RuntimeError, ValueError, SystemExit) as err:
         raise ClusterError(
             f"could not connect to the Ray cluster at {target!r}: {err}. Start one with `ray start --head`, pass its "
             "address (ray.address=... or RAY_ADDRESS), or remove ray.address to run on a local single-node Ray. "
             "Ray 2.60 heads use token auth by default: set RAY_AUTH_MODE=token on the client."
         ) from err
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> bool:
+    """A quick TCP probe so a wrong address fails in seconds, not after Ray's minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address in ("auto", "local"):
+        return True
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def run_tag(cfg: TrainConfig) -> str:
