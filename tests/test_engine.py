@@ -11,7 +11,7 @@ from rayuid.scoring import collate, response_logprobs
 from rayuid.weights import pack_state_dict
 
 pytestmark = pytest.mark.slow
-SETTINGS = EngineSettings(max_model_len=256, kv_cache_memory_bytes=64 << 20)
+SETTINGS = EngineSettings(max_model_len=1024, kv_cache_memory_bytes=64 << 20)
 PROMPTS = [[1, 40, 41, 42], [1, 60, 61]]
 
 
