@@ -1,0 +1,50 @@
+"""Capability guard: IFEval prompt-level strict/loose accuracy of a model before and after adaptation, offline.
+
+    python benchmarks/ifeval_guard.py --models HuggingFaceTB/SmolLM2-135M-Instruct runs/X/checkpoints/step-N/hf \
+        [--limit 20 --seed 0 --max-tokens 256] [--out runs/bench/ifeval.json]
+
+Greedy replies from a vLLM engine per model; the fixed seeded subsample of ../shared/data/external/ifeval is
+scored with the official IFEval checkers (``rayuid.ifeval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "external" / "ifeval" / "input_data.jsonl"
+
+
+def evaluate(model: str, path: Path, limit: int, seed: int, max_tokens: int) -> dict:
+    from rayuid.config import EngineSettings
+    from rayuid.engine import VllmEngine
+    from rayuid.ifeval import run_ifeval
+    from rayuid.models import resolve_model
+
+    engine = VllmEngine(resolve_model(model), EngineSettings(dtype="bfloat16", max_model_len=2048))
+    result = run_ifeval(lambda convs: engine.chat(convs, max_tokens, 0.0), str(path), limit, seed)
+    del engine
+    return {k: v for k, v in result.items() if k != "per_prompt"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--limit", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--out", default="runs/bench/ifeval.json")
+    args = parser.parse_args()
+    results = {m: evaluate(m, Path(args.data), args.limit, args.seed, args.max_tokens) for m in args.models}
+    for model, r in results.items():
+        print(f"{model}: prompt strict {r['prompt_strict']:.3f}  prompt loose {r['prompt_loose']:.3f}  (n={r['n']})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
