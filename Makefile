@@ -26,8 +26,9 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/logprob_memory.py --out runs/bench/logprob_memory.json
+	$(BIN)/python benchmarks/logprob_memory.py --backward --out runs/bench/logprob_memory.json
 	$(BIN)/python benchmarks/trainer_throughput.py --out runs/bench/trainer_throughput.json
+	$(BIN)/python benchmarks/ray_system.py --out runs/bench/ray_system.json
 
 signal: $(STAMP)
 	$(BIN)/rayuid signal --out runs/signal

@@ -26,7 +26,6 @@ def evaluate(model: str, path: Path, limit: int, seed: int, max_tokens: int) -> 
 
     engine = VllmEngine(resolve_model(model), EngineSettings(dtype="bfloat16", max_model_len=2048))
     result = run_ifeval(lambda convs: engine.chat(convs, max_tokens, 0.0), str(path), limit, seed)
-    del engine
     return {k: v for k, v in result.items() if k != "per_prompt"}
 
 

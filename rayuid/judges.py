@@ -18,14 +18,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from rayuid import users
 from rayuid.users import (
     CASUAL_WORDS,
+    FILLER_OPENER,
     FILLER_PHRASES,
     STIFF_WORDS,
     Messages,
     emoji_count,
     find_contractions,
+    find_words,
     make_persona,
     markdown_features,
     pirate_term_count,
@@ -34,11 +35,6 @@ from rayuid.users import (
 )
 
 JudgeFn = Callable[[list[Messages]], Sequence[str]]
-
-# users.py keeps these two predicates private (its formal/casual/no_filler and answer_directly rules use them).
-# They are reused, not copied; once users.py exposes public names, import those here instead.
-_find_words = users._find_words
-_FILLER_OPENER = users._OPENER
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,13 +54,13 @@ def _no_emojis(reply: str) -> bool:
 
 
 def _formal(reply: str) -> bool:
-    return not (find_contractions(reply) or "!" in reply or _find_words(reply, CASUAL_WORDS))
+    return not (find_contractions(reply) or "!" in reply or find_words(reply, CASUAL_WORDS))
 
 
 def _casual(reply: str, *, min_words: float) -> bool:
     """As the casual rule user: no stiff connectives, and a longer reply needs at least one contraction."""
     stiff_tone = word_count(reply) >= min_words and not find_contractions(reply)
-    return not (_find_words(reply, STIFF_WORDS) or stiff_tone)
+    return not (find_words(reply, STIFF_WORDS) or stiff_tone)
 
 
 def _no_lists(reply: str) -> bool:
@@ -72,11 +68,11 @@ def _no_lists(reply: str) -> bool:
 
 
 def _answer_directly(reply: str) -> bool:
-    return not (_FILLER_OPENER.match(reply) or markdown_features(reply))
+    return not (FILLER_OPENER.match(reply) or markdown_features(reply))
 
 
 def _no_filler(reply: str) -> bool:
-    return not _find_words(reply, FILLER_PHRASES)
+    return not find_words(reply, FILLER_PHRASES)
 
 
 def _pirate(reply: str, *, min_terms: float) -> bool:

@@ -86,7 +86,7 @@ def find_contractions(text: str) -> list[str]:
     return _CONTRACTION.findall(text)
 
 
-def _find_words(text: str, words: Sequence[str]) -> list[str]:
+def find_words(text: str, words: Sequence[str]) -> list[str]:
     """The listed words/phrases present (whole words, case-insensitive, as written in `text`), in text order."""
     hits = (re.search(r"(?<!\w)" + re.escape(w).replace("'", _APOS) + r"(?!\w)", text, re.IGNORECASE) for w in words)
     return [hit.group() for hit in sorted((hit for hit in hits if hit), key=lambda hit: hit.start())]
@@ -99,7 +99,7 @@ STIFF_WORDS = ("furthermore", "moreover", "therefore", "hence", "thus", "additio
 FILLER_PHRASES = ("great question", "good question", "excellent question", "what a great", "you're absolutely right",
                   "you are absolutely right", "hope this helps", "happy to help", "i'd be happy to", "feel free to",
                   "let me know if")
-_OPENER = re.compile(rf"^[\s*#>_]*(?:(?:great|good|excellent|interesting) question|what an? (?:great|good|interesting)"
+FILLER_OPENER = re.compile(rf"^[\s*#>_]*(?:(?:great|good|excellent|interesting) question|what an? (?:great|good|interesting)"
                      rf"|that{_APOS}s an? (?:great|good|interesting)|(?:sure|certainly|of course|absolutely|ok|okay)"
                      rf"\s*[,!.:]|i{_APOS}d be (?:happy|glad)|i{_APOS}m (?:happy|glad)|happy to help)", re.IGNORECASE)
 _PIRATE = re.compile(r"\b(?:ar{2,}g*h*|argh+|ahoy|mateys?|ye|aye|avast|landlubbers?|scallywags?|hearties|booty|grog"
@@ -209,14 +209,14 @@ def _formal(prompt: str, reply: str) -> str:
         issues.append(f"contractions like {_quoted(contractions)}")
     if "!" in reply:
         issues.append("exclamation marks")
-    if casual := _find_words(reply, CASUAL_WORDS):
+    if casual := find_words(reply, CASUAL_WORDS):
         issues.append(f"casual words like {_quoted(casual)}")
     return _say("formal" if issues else "formal_ok", reply, what=_join(issues))
 
 
 def _casual(prompt: str, reply: str, *, min_words: int) -> str:
     """Stiff connectives always; otherwise a longer reply with no contraction at all reads as stiff."""
-    if stiff := _find_words(reply, STIFF_WORDS):
+    if stiff := find_words(reply, STIFF_WORDS):
         return _say("casual_words", reply, what=_quoted(stiff))
     stiff_tone = word_count(reply) >= min_words and not find_contractions(reply)
     return _say("casual_tone" if stiff_tone else "casual_ok", reply)
@@ -229,14 +229,14 @@ def _no_lists(prompt: str, reply: str) -> str:
 
 def _answer_directly(prompt: str, reply: str) -> str:
     """A filler opener ("Great question!", "Sure,") and markdown formatting are the two things this user hates."""
-    issues = ["skip the intro and start with the answer"] if _OPENER.match(reply) else []
+    issues = ["skip the intro and start with the answer"] if FILLER_OPENER.match(reply) else []
     if found := markdown_features(reply):
         issues.append(f"no {_join(found, 'or')}")
     return _say("answer_directly" if issues else "answer_directly_ok", reply, what="; ".join(issues))
 
 
 def _no_filler(prompt: str, reply: str) -> str:
-    found = _find_words(reply, FILLER_PHRASES)
+    found = find_words(reply, FILLER_PHRASES)
     return _say("no_filler" if found else "no_filler_ok", reply, what=_quoted(found))
 
 
