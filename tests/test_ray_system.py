@@ -219,3 +219,21 @@ def test_learner_sigkill_resumes_group_from_last_checkpoint(local_ray, tmp_path,
     assert sorted(int(k) for k in ledger) == [1, 2, 3, 4, 5]
     ids = [i for step in ledger.values() for i in step]
     assert len(ids) == len(set(ids)) == 20
+
+
+def test_lora_run_syncs_only_the_adapter(local_ray, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rayuid.driver import run
+
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=2", "model.lora.r=4", "model.lora.alpha=8")
+    summary = run(cfg)
+    assert summary["steps_done"] == 2 and summary["final_version"] == 2
+    records = [json.loads(ln) for ln in Path(summary["metrics"]).read_text().splitlines()]
+    full_bytes = sum(p.stat().st_size for p in Path(tiny_model_dir).glob("*.safetensors"))
+    assert all(0 < r["publish_bytes"] < full_bytes / 2 for r in records)  # the adapter, not the model
+    assert all(s["gen_version"] == s["score_version"] == s["step"] - 1 for s in _samples(cfg.run_dir))
+    hf = Path(summary["checkpoint"]) / "hf"
+    assert (hf / "adapter_config.json").exists()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(hf))
