@@ -25,18 +25,28 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temp folder never matches ``step-N``)."""
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path, marker: str = STATE_FILE) -> list[Path]:
+    """Complete checkpoints (those holding ``marker``), oldest first; a temp folder never matches ``step-N``."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found) if (p / STATE_FILE).exists()]
+    return [p for _, p in sorted(found) if (p / marker).exists()]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = list_checkpoints(run_dir)
+def latest_checkpoint(run_dir: str | Path, marker: str = STATE_FILE) -> Path | None:
+    found = list_checkpoints(run_dir, marker)
     return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, marker: str = STATE_FILE) -> None:
+    """Keep only the newest ``keep_last`` complete checkpoints."""
+    for old in list_checkpoints(run_dir, marker)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def rng_state() -> dict:
@@ -53,7 +63,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     """Write ``step-N`` atomically and keep only the newest ``keep_last`` checkpoints."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
+    final = step_dir(run_dir, step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -66,8 +76,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep_last)
     return final
 
 

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
+from rayuid import checkpoint as ckpt
 from rayuid.config import TrainConfig
+from rayuid.fsdp_checkpoint import EXTRA_FILE
 from rayuid.ledger import Ledger
 from rayuid.plots import plot_metrics
 from rayuid.prompts import Prompt, load_prompts, split_heldout
 from rayuid.templates import ScoringPair, TemplateOptions
 from rayuid.trainer import example_order, load_pairs
 
-DRIVER_STATE = "driver_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+DRIVER_STATE = EXTRA_FILE  # written by the learners' checkpoint, last, inside its atomic rename
 
 
 @dataclass
@@ -76,36 +76,19 @@ def build_source(cfg: TrainConfig, tokenizer) -> RunSource:
     return RunSource("offline", total, options, run_dir, pairs=pairs, order=order, batch_size=batch)
 
 
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
-
-
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
-    complete = [p for _, p in found if (p / DRIVER_STATE).exists()]
-    return complete[-1] if complete else None
+    """The newest checkpoint the learners finished (they write the driver state last, inside the atomic rename)."""
+    return ckpt.latest_checkpoint(run_dir, marker=DRIVER_STATE)
 
 
 def save_checkpoint(cfg: TrainConfig, system, step: int, version: int, ledger: Ledger) -> Path:
     """All learner ranks write their shards; the driver state (step, version, ledger) rides along."""
-    path = checkpoint_dir(cfg.run_dir, step).absolute()
+    path = ckpt.step_dir(cfg.run_dir, step).absolute()
     extra = {"step": step, "version": version, "ledger": ledger.to_json()}
     ray.get([l.save_checkpoint.remote(str(path.resolve()), extra) for l in system.learners],
             timeout=cfg.ray.call_timeout_s)  # the learners also write `extra` as driver_state.json
-    _prune(Path(cfg.run_dir), cfg.checkpoint.keep_last)
+    ckpt.prune_checkpoints(cfg.run_dir, cfg.checkpoint.keep_last, marker=DRIVER_STATE)
     return path
-
-
-def _prune(run_dir: Path, keep_last: int) -> None:
-    import shutil
-
-    root = run_dir / "checkpoints"
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
-    for _, old in found[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def finish(cfg: TrainConfig, records: list[dict], ledger: Ledger, source: RunSource) -> dict:
