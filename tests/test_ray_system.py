@@ -37,6 +37,30 @@ def _samples(run_dir) -> list[dict]:
     return [json.loads(ln) for ln in (Path(run_dir) / "samples.jsonl").read_text().splitlines()]
 
 
+def _run_and_sigkill(cfg, actor: str, after_steps: int) -> tuple[dict, int | None]:
+    """Run ``cfg``; once ``after_steps`` steps are logged, SIGKILL the process of the actor named ``{tag}-{actor}*``."""
+    import ray
+
+    from rayuid.actors.spawn import run_tag
+    from rayuid.driver import run
+
+    killed = {}
+
+    def killer():
+        metrics = Path(cfg.run_dir) / "metrics.jsonl"
+        while not metrics.exists() or len(metrics.read_text().splitlines()) < after_steps:
+            time.sleep(0.2)
+        name = next(a for a in ray.util.list_named_actors() if a.startswith(f"{run_tag(cfg)}-{actor}"))
+        killed["pid"] = ray.get(ray.get_actor(name).pid.remote())
+        os.kill(killed["pid"], signal.SIGKILL)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run(cfg)
+    thread.join(timeout=5)
+    return summary, killed.get("pid")
+
+
 def test_online_run_is_on_policy_and_trains_each_interaction_once(local_ray, tmp_path, tiny_model_dir):
     from rayuid.driver import run
 
@@ -104,27 +128,9 @@ def test_offline_run_on_extracted_interactions(local_ray, tmp_path, tiny_model_d
 
 
 def test_engine_sigkill_mid_run_loses_and_repeats_nothing(local_ray, tmp_path, tiny_model_dir):
-    import ray
-
-    from rayuid.actors.spawn import run_tag
-    from rayuid.driver import run
-
     cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=4")
-    killed = {}
-
-    def killer():
-        metrics = Path(cfg.run_dir) / "metrics.jsonl"
-        while not metrics.exists() or not metrics.read_text().strip():
-            time.sleep(0.2)
-        engine = ray.get_actor(f"{run_tag(cfg)}-engine0")
-        killed["pid"] = ray.get(engine.pid.remote())
-        os.kill(killed["pid"], signal.SIGKILL)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    summary = run(cfg)
-    thread.join(timeout=5)
-    assert killed.get("pid")
+    summary, killed_pid = _run_and_sigkill(cfg, "engine0", after_steps=1)
+    assert killed_pid
     assert summary["steps_done"] == 4 and summary["interactions_trained"] == 16
     ledger = json.loads((Path(cfg.run_dir) / "ledger.json").read_text())
     ids = [i for step in ledger.values() for i in step]
@@ -193,27 +199,9 @@ def test_resume_restores_version_ledger_and_data_position(local_ray, tmp_path, t
 
 
 def test_learner_sigkill_resumes_group_from_last_checkpoint(local_ray, tmp_path, tiny_model_dir):
-    import ray
-
-    from rayuid.actors.spawn import run_tag
-    from rayuid.driver import run
-
     cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=5", "checkpoint.every_steps=2")
-    killed = {}
-
-    def killer():
-        metrics = Path(cfg.run_dir) / "metrics.jsonl"
-        while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
-            time.sleep(0.2)
-        name = next(a for a in ray.util.list_named_actors() if a.startswith(f"{run_tag(cfg)}-learner0"))
-        killed["pid"] = ray.get(ray.get_actor(name).pid.remote())
-        os.kill(killed["pid"], signal.SIGKILL)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    summary = run(cfg)
-    thread.join(timeout=5)
-    assert killed.get("pid")
+    summary, killed_pid = _run_and_sigkill(cfg, "learner0", after_steps=3)
+    assert killed_pid
     assert summary["steps_done"] == 5 and summary["interactions_trained"] == 20
     ledger = json.loads((Path(cfg.run_dir) / "ledger.json").read_text())
     assert sorted(int(k) for k in ledger) == [1, 2, 3, 4, 5]
