@@ -35,7 +35,7 @@ from rayuid.scoring import response_logprobs as score_response_logprobs
 from rayuid.step import autocast, score_teacher, sdpo_objective, student_batch
 from rayuid.teacher import TeacherWeights
 from rayuid.templates import ScoringPair
-from rayuid.trainer import build_model, build_optimizer
+from rayuid.trainer import build_model, build_optimizer, optimizer_step
 from rayuid.weights import WeightsBlob, pack_state_dict
 
 PHASE_KEYS = ("teacher_s", "student_s", "optim_s", "seconds")
@@ -291,15 +291,7 @@ class FsdpLearner:
         return out
 
     def _optimizer_step(self) -> float:
-        """Clip (the norm of sharded grads is a DTensor: ``full_tensor``), AdamW, schedule, zero grads."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg.optim.max_grad_norm)
 
     def reduce_metrics(self, local: dict[str, float]) -> dict[str, float]:
         """Batch-weighted stats and counts are summed over ranks; phase seconds take the slowest rank."""

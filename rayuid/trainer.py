@@ -90,8 +90,11 @@ def build_optimizer(model, cfg: TrainConfig, total_steps: int):
 
 
 def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None) -> float:
+    """Clip, AdamW, schedule, zero grads; returns the pre-clip grad norm (also for FSDP2's sharded grads)."""
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor when the grads are FSDP2 shards
+        norm = norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
