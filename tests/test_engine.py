@@ -73,7 +73,45 @@ def test_lora_version_is_served_under_a_new_request(engine, tiny_model_dir):
     got = engine.score(PROMPTS, responses)
     for g, ref in zip(got, _hf_scores(model, PROMPTS, responses)):
         assert max(abs(a - b) for a, b in zip(g, ref)) < 1e-4
-    assert engine.lora_request.lora_int_id == 4
+    first = engine.lora_request
+    engine.load_weights(pack_state_dict(get_peft_model_state_dict(model), version=4, kind="lora", lora_config=config))
+    assert engine.lora_request.lora_int_id != first.lora_int_id and engine.version == 4
+    engine.llm.llm_engine.remove_lora(engine.lora_request.lora_int_id)
+    engine.lora_request = None  # back to the base model for later tests
+
+
+def test_each_user_is_served_their_own_newest_adapter(engine, tiny_model_dir, tiny_tokenizer):
+    from rayuid.adapters import UserAdapters
+    from rayuid.config import TrainConfig
+    from rayuid.engine import UnknownUserError
+    from rayuid.templates import ScoringPair
+
+    cfg = TrainConfig.model_validate({"model": {"name": tiny_model_dir, "lora": {"r": 4, "alpha": 8}},
+                                      "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "schedule": "constant"}})
+    learner = UserAdapters(cfg, total_steps=4)
+    train = [ScoringPair(f"t{i}", p, p + [7, 8], r)  # the teacher prompt holds an extra "follow-up"
+             for i, (p, r) in enumerate(zip(PROMPTS, [[50, 51, 52, 2], [70, 71]]))]
+    probe = [ScoringPair(f"p{i}", p, p, r) for i, (p, r) in enumerate(zip(PROMPTS, [[44, 45, 46, 2], [80, 81]]))]
+    for user in ("alice", "bob"):
+        learner.train_step(user, train)
+        assert engine.load_adapter(user, learner.export(user)) == (1, learner.export(user).checksum)
+    users = ["alice", "bob", None, "zed"]  # None: the base model; zed has no adapter (served the base)
+    prompts, responses = [p.student_prompt for p in probe] * 2, [p.response for p in probe] * 2
+    served = engine.score(prompts, responses, users=users)
+    for i, user in enumerate(users):
+        ref = learner.response_logprobs(user if user != "zed" else None, [probe[i % 2]])[0]
+        assert max(abs(a - b) for a, b in zip(served[i], ref)) < 1e-4
+    bob_before = engine.generate(PROMPTS, SamplingSettings(n=1, temperature=0.0, max_tokens=6), users=["bob"] * 2)
+    learner.train_step("alice", train)
+    engine.load_adapter("alice", learner.export("alice"))          # alice v2: bob and the base are untouched
+    again = engine.score(prompts, responses, users=users)
+    assert again[1] == served[1] and again[2] == served[2] and again[3] == served[3]
+    assert max(abs(a - b) for a, b in zip(again[0], served[0])) > 1e-3
+    bob_after = engine.generate(PROMPTS, SamplingSettings(n=1, temperature=0.0, max_tokens=6), users=["bob"] * 2)
+    assert [g[0].token_ids for g in bob_after] == [g[0].token_ids for g in bob_before]
+    assert bob_after[0][0].version == 1 and engine.user_versions["alice"][0] == 2
+    with pytest.raises(UnknownUserError, match="unknown_user=base"):
+        engine.score(prompts[:1], responses[:1], users=["zed"], unknown_user="error")
 
 
 def test_chat_returns_text(engine):
