@@ -13,14 +13,13 @@ On disk (``AdapterStore``): ``RUN_DIR/adapters/<user>/v000003/`` = ``adapter_con
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from rayuid.checkpoint import atomic_folder
 from rayuid.config import TrainConfig
 from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
 from rayuid.scoring import response_logprobs
@@ -169,20 +168,11 @@ class UserAdapters:
     def save(self, store: AdapterStore, user: str) -> Path:
         """Write ``user``'s current version (atomically: temp folder, then rename)."""
         final = store.path(user, self.versions[user])
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-        try:
+        with atomic_folder(final) as tmp:
             write_adapter(self.export(user), tmp)
             optimizer, scheduler = self.optimizers[user]
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "teacher": self.teachers[user].state_dict(), "version": self.versions[user]}, tmp / STATE_FILE)
-            os.chmod(tmp, 0o755)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return final
 
     def load(self, user: str, folder: str | Path) -> int:

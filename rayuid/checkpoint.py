@@ -7,12 +7,14 @@ Each checkpoint is written to a temporary folder and renamed into place, so a cr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -59,16 +61,13 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
-    """Write ``step-N`` atomically and keep only the newest ``keep_last`` checkpoints."""
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = step_dir(run_dir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+@contextlib.contextmanager
+def atomic_folder(final: Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; on success it replaces ``final``, on any error it is removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(dict(state, step=step, rng=rng_state()), tmp / STATE_FILE)
+        yield tmp
         os.chmod(tmp, 0o755)
         if final.exists():
             shutil.rmtree(final)
@@ -76,6 +75,15 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
+    """Write ``step-N`` atomically and keep only the newest ``keep_last`` checkpoints."""
+    final = step_dir(run_dir, step)
+    with atomic_folder(final) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(dict(state, step=step, rng=rng_state()), tmp / STATE_FILE)
     prune_checkpoints(run_dir, keep_last)
     return final
 
