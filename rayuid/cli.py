@@ -38,12 +38,17 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(cfg)
         keys = ("steps_done", "interactions_trained", "first_loss", "final_loss", "tokens_per_s", "teacher_time_share")
     else:
-        from rayuid.driver import run
+        if cfg.online is not None and cfg.online.users:
+            from rayuid.personalize import run
+        else:
+            from rayuid.driver import run
 
         summary = run(cfg)
         keys = ("mode", "steps_done", "interactions_trained", "first_loss", "final_loss", "final_version",
                 "interactions_per_s", "seconds_per_phase")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    if summary.get("results_table"):
+        print("\n" + summary["results_table"] + f"\n\nresults: {summary['run_dir']}/results.{{json,csv,png}}")
     if summary.get("eval_table"):
         print("\n" + summary["eval_table"] + f"\n\nheld-out curve: {summary['eval_curve']}")
     print(f"\nresults: {summary['run_dir']}\n  summary    {summary['run_dir']}/summary.json\n"

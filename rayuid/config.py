@@ -163,6 +163,15 @@ class UserSettings(_Strict):
     temperature: float = Field(0.0, ge=0)
 
 
+class UserSpec(_Strict):
+    """One simulated user of a per-user personalization run: an id and the persona(s) it plays, in order."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    personas: list[str] = Field(min_length=1)
+    """More than one: the user changes preference every ``online.switch_every`` steps (flip / sequential runs)."""
+    params: dict[str, float] = {}
+
+
 class OnlineSettings(_Strict):
     """Online SDPO (paper Algorithm 1): sample → simulated user → score → learn → publish."""
 
@@ -181,6 +190,23 @@ class OnlineSettings(_Strict):
     max_staleness: int = Field(0, ge=0)
     sampling: SamplingSettings = SamplingSettings()
     user: UserSettings = UserSettings()
+    users: list[UserSpec] = []
+    """Non-empty: per-user personalization. Each user gets its own LoRA adapter, trained only on its interactions;
+    ``prompts_per_step`` is then per user, and ``user`` gives the simulator kind and settings shared by all."""
+    switch_every: int | None = Field(None, ge=1)
+    unknown_user: Literal["base", "error"] = "base"
+    """What the engines serve a user without an adapter: the base model, or an error."""
+    oracle: bool = True
+    """Also evaluate the in-context oracle: the base model with the persona in its system prompt."""
+
+    @model_validator(mode="after")
+    def _check_users(self) -> "OnlineSettings":
+        ids = [u.id for u in self.users]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"online.users ids must be unique, got {ids}")
+        if any(len(u.personas) > 1 for u in self.users) and self.switch_every is None:
+            raise ValueError("a user with several personas needs online.switch_every (steps per persona)")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -214,6 +240,17 @@ class TrainConfig(_Strict):
         if self.online is not None and self.online.sampling.max_tokens > self.template.max_response_tokens:
             raise ValueError("online.sampling.max_tokens exceeds template.max_response_tokens; lower the first or "
                              "raise the second")
+        if self.ray is not None and self.model.lora is not None:
+            ranks = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's LoRAConfig accepts
+            if self.ray.vllm.max_lora_rank not in ranks or self.model.lora.r > self.ray.vllm.max_lora_rank:
+                raise ValueError(f"ray.vllm.max_lora_rank={self.ray.vllm.max_lora_rank} must be one of {ranks} and "
+                                 f">= model.lora.r={self.model.lora.r}")
+        if self.online is not None and self.online.users:
+            if self.model.lora is None:
+                raise ValueError("online.users trains one LoRA adapter per user: set model.lora (e.g. {r: 16})")
+            if self.ray.teacher_in != "learner":
+                raise ValueError("online.users scores the hindsight teacher with each user's adapter in the learner: "
+                                 "set ray.teacher_in=learner")
         if self.ray is not None and self.ray.teacher_in == "vllm":
             if self.teacher.weights != "live":
                 raise ValueError(f"teacher.weights={self.teacher.weights} needs ray.teacher_in=learner: the vLLM "

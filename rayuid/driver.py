@@ -21,12 +21,11 @@ from tqdm.auto import tqdm
 
 from rayuid import phases
 from rayuid.actors import spawn
-from rayuid.config import TrainConfig, dump_config
+from rayuid.config import TrainConfig
 from rayuid.evaluation import HeldoutEval
 from rayuid.ledger import Ledger
-from rayuid.models import load_tokenizer, resolve_model
 from rayuid.prompts import prompts_for_step
-from rayuid.run_state import RunSource, build_source, finish, latest_checkpoint, save_checkpoint
+from rayuid.run_state import RunSource, finish, latest_checkpoint, launch, save_checkpoint
 from rayuid.trainer import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -49,13 +48,8 @@ class Run:
 
 def run(cfg: TrainConfig) -> dict:
     """Start (or join) Ray, start the actors, train, checkpoint, and return the summary."""
-    spawn.connect(cfg.ray.address, cfg.ray.num_cpus)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    tokenizer = load_tokenizer(resolve_model(cfg.model.name))
-    source = build_source(cfg, tokenizer)
-    system = spawn.build_system(cfg, source.total_steps)
+    tokenizer, source, system = launch(cfg)
     r = Run(cfg, system, tokenizer, source)
     if cfg.online is not None and cfg.online.eval_every:
         r.evaluator = HeldoutEval(cfg, source.heldout, source.options)

@@ -32,6 +32,7 @@ class Sample:
     followup: str = ""
     pair: ScoringPair | None = None
     score_version: int = -1
+    user: str | None = None
 
 
 def shard(items: list, n: int) -> list[list]:
@@ -80,19 +81,23 @@ def fan_out(system: System, names: list[str], method: str, shards: list[tuple], 
 
 
 def generate(system: System, tokenizer, prompts: list[Prompt], step: int, sampling: dict, options: TemplateOptions,
-             seed: int, timeout_s: float, retries: int) -> list[Sample]:
-    """n replies per prompt; ids ``s{step}-{slot}`` are the same on every retry."""
+             seed: int, timeout_s: float, retries: int, users: list[str | None] | None = None,
+             unknown_user: str = "base") -> list[Sample]:
+    """n replies per prompt (``users[i]``: the adapter that serves prompt i); ids ``s{step}-{slot}`` are the same on
+    every retry."""
     ids = [render_prompt_ids(tokenizer, p.messages, options.max_prompt_tokens) for p in prompts]
     parts = shard(list(range(len(prompts))), len(system.rollout))
     jobs = [(n, idx) for n, idx in zip(system.rollout, parts) if idx]
     outs = fan_out(system, [n for n, _ in jobs], "generate",
-                   [([ids[i] for i in idx], sampling, seed + step * 1000 + k) for k, (_, idx) in enumerate(jobs)],
-                   timeout_s, retries)
+                   [([ids[i] for i in idx], sampling, seed + step * 1000 + k,
+                     [users[i] for i in idx] if users is not None else None, unknown_user)
+                    for k, (_, idx) in enumerate(jobs)], timeout_s, retries)
     samples = []
     for (_, idx), per_prompt in zip(jobs, outs):
         for i, gens in zip(idx, per_prompt):
             for j, gen in enumerate(gens):
-                samples.append(Sample(f"s{step}-{i * len(gens) + j}", prompts[i], gen))
+                user = users[i] if users is not None else None
+                samples.append(Sample(f"s{step}-{i * len(gens) + j}", prompts[i], gen, user=user))
     return samples
 
 

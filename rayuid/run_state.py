@@ -76,6 +76,21 @@ def build_source(cfg: TrainConfig, tokenizer) -> RunSource:
     return RunSource("offline", total, options, run_dir, pairs=pairs, order=order, batch_size=batch)
 
 
+def launch(cfg: TrainConfig) -> tuple[object, RunSource, object]:
+    """Join (or start) Ray, prepare the run dir, load the tokenizer and the data, start every actor."""
+    from rayuid.actors import spawn
+    from rayuid.config import dump_config
+    from rayuid.models import load_tokenizer, resolve_model
+
+    spawn.connect(cfg.ray.address, cfg.ray.num_cpus)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    tokenizer = load_tokenizer(resolve_model(cfg.model.name))
+    source = build_source(cfg, tokenizer)
+    return tokenizer, source, spawn.build_system(cfg, source.total_steps)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest checkpoint the learners finished (they write the driver state last, inside the atomic rename)."""
     return ckpt.latest_checkpoint(run_dir, marker=DRIVER_STATE)

@@ -45,6 +45,18 @@ def tiny_tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local 2-CPU Ray for the actor tests of one module (vLLM in-process inside the actors)."""
+    import ray
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture()
 def shared_data() -> Path:
     path = SHARED / "data" / "external"

@@ -16,17 +16,6 @@ pytestmark = pytest.mark.slow
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
 def _smoke(tmp_path, tiny_model_dir, *overrides):
     from rayuid.config import load_config
 

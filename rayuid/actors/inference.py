@@ -28,11 +28,15 @@ class RolloutWorker:
     def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None):
         self.engine = start_engine(model, settings, enable_lora, seed, threads)
 
-    def generate(self, prompts: list[list[int]], sampling: dict, seed: int | None = None) -> list[list[Generation]]:
-        return self.engine.generate(prompts, SamplingSettings.model_validate(sampling), seed)
+    def generate(self, prompts: list[list[int]], sampling: dict, seed: int | None = None,
+                 users: list[str | None] | None = None, unknown_user: str = "base") -> list[list[Generation]]:
+        return self.engine.generate(prompts, SamplingSettings.model_validate(sampling), seed, users, unknown_user)
 
     def load_weights(self, blob: WeightsBlob) -> tuple[int, str]:
         return self.engine.load_weights(blob)
+
+    def load_adapter(self, user: str, blob: WeightsBlob) -> tuple[int, str]:
+        return self.engine.load_adapter(user, blob)
 
     def version(self) -> int:
         return self.engine.version
@@ -51,6 +55,7 @@ class TeacherWorker:
         return {"student_lp": lps[: len(student)], "teacher_lp": lps[len(student):], "version": self.engine.version}
 
     load_weights = RolloutWorker.load_weights
+    load_adapter = RolloutWorker.load_adapter
     version = RolloutWorker.version
     pid = RolloutWorker.pid
 
@@ -64,5 +69,6 @@ class SharedEngineWorker:
     generate = RolloutWorker.generate
     score = TeacherWorker.score
     load_weights = RolloutWorker.load_weights
+    load_adapter = RolloutWorker.load_adapter
     version = RolloutWorker.version
     pid = RolloutWorker.pid

@@ -17,6 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rayuid.actors.adapter_learner import AdapterLearnerWorker
 from rayuid.actors.inference import RolloutWorker, SharedEngineWorker, TeacherWorker, start_engine
 from rayuid.actors.learner import LearnerWorker
 from rayuid.actors.user import UserSimulatorWorker
@@ -150,6 +151,16 @@ def start_learners(cfg: TrainConfig, pg, bundle_of: dict, total_steps: int) -> l
     return learners
 
 
+def start_adapter_learners(cfg: TrainConfig, pg, bundle_of: dict, total_steps: int) -> list:
+    """Per-user runs: independent adapter learners (no process group), each owning a share of the users."""
+    cls = ray.remote(AdapterLearnerWorker)
+    learners = [cls.options(**_options(pg, *bundle_of[f"learner{i}"], max_restarts=0,
+                                       name=f"{run_tag(cfg)}-learner{i}"))
+                .remote(cfg.model_dump(mode="json"), total_steps) for i in range(cfg.ray.learners)]
+    ray.get([l.ready.remote() for l in learners], timeout=cfg.ray.call_timeout_s)
+    return learners
+
+
 def restart_learners(cfg: TrainConfig, system: System, total_steps: int) -> list:
     """Kill what is left of a learner group (its collectives are broken) and start a fresh one in its bundles."""
     for handle in system.learners:
@@ -199,7 +210,8 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
     plan = plan_bundles(cfg, needs_user_engine)
     pg = reserve(cfg, plan)
     bundle_of = {name: (i, b) for i, (name, b) in enumerate(plan)}
-    learners = start_learners(cfg, pg, bundle_of, total_steps)
+    per_user = cfg.online is not None and bool(cfg.online.users)
+    learners = (start_adapter_learners if per_user else start_learners)(cfg, pg, bundle_of, total_steps)
     engines, rollout, teacher = _start_engines(cfg, pg, bundle_of)
     user = _start_user(cfg, pg, bundle_of) if cfg.online is not None else None
     _wait_ready(engines, cfg.ray.call_timeout_s)

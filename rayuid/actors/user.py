@@ -26,11 +26,25 @@ class UserSimulatorWorker:
             generate_fn = engine_factory().chat
         self.kind, self.persona = kind, persona
         self.simulator = make_simulator(kind, persona, generate_fn, **dict(params or {}))
+        self._generate_fn, self._params = generate_fn, dict(params or {})
+        self._others: dict[tuple, object] = {}
         self.calls = self.replies = 0
 
     def respond(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]:
         """One follow-up per (prompt, reply), in order."""
         followups = self.simulator.respond(list(prompts), list(replies))
+        self.calls += 1
+        self.replies += len(followups)
+        return followups
+
+    def respond_as(self, persona: str, persona_params: dict, prompts: Sequence[str],
+                   replies: Sequence[str]) -> list[str]:
+        """As ``respond``, played by another persona (per-user runs: each user id has its own, which may change)."""
+        key = (persona, tuple(sorted(persona_params.items())))
+        if key not in self._others:
+            shared = {k: v for k, v in self._params.items() if k in ("max_tokens", "temperature")}
+            self._others[key] = make_simulator(self.kind, persona, self._generate_fn, **shared, **persona_params)
+        followups = self._others[key].respond(list(prompts), list(replies))
         self.calls += 1
         self.replies += len(followups)
         return followups

@@ -28,6 +28,7 @@ class WeightSyncActor:
         self.version = version
         self.blob_ref = None
         self.checksum = ""
+        self.adapters: dict[str, list] = {}  # user → [ObjectRef, checksum, bytes, version] of the served adapter
 
     def publish(self) -> dict:
         version = self.version + 1
@@ -43,9 +44,29 @@ class WeightSyncActor:
                                {n: v for n, (v, _) in reports.items()})
         return report.to_json()
 
+    def publish_adapters(self, owners: dict[str, int]) -> dict:
+        """Per-user publish: ``owners`` maps each user to the index of the learner that trains it. Every engine loads
+        each user's new adapter version; no other user's adapter (nor the base) is touched."""
+        t0 = time.perf_counter()
+        exports = self._wait({u: self.learners[i].export_adapter.remote(u) for u, i in owners.items()}, -1)
+        self.adapters.update(exports)
+        for user in owners:
+            self._load_adapter(user, list(self.engines))
+        return {"users": {u: e[3] for u, e in exports.items()}, "bytes": sum(e[2] for e in exports.values()),
+                "seconds": time.perf_counter() - t0}
+
+    def _load_adapter(self, user: str, names: list[str]) -> None:
+        ref, checksum, _, version = self.adapters[user]
+        refs = {n: self.engines[n].load_adapter.remote(user, ref) for n in names}
+        loaded = self._wait(refs, version)
+        check_loaded(version, checksum, loaded)
+
     def sync_engine(self, name: str) -> int:
-        """Load the current version into one (e.g. restarted) engine; returns the version it now serves."""
+        """Load the current version (and every user's adapter) into one (e.g. restarted) engine; returns the
+        version it now serves."""
         self._wait_alive(name)
+        for user in self.adapters:
+            self._load_adapter(user, [name])
         if self.blob_ref is None:
             return 0
         check_loaded(self.version, self.checksum, self._load([name], self.version))

@@ -1,0 +1,83 @@
+"""What holds the demo's gain? The README job under variants of teacher, LoRA vs full, learning rate and batch.
+
+    python benchmarks/demo_ablation.py [--variants full_live lora_live_2e-4 ...] [--out runs/ablation]
+
+Each variant is the README's main job (``jobs/online_smollm2_concise.yaml``) with a few overrides, run to the end
+(a finished variant is not rerun); the held-out curves (adherence, win rate vs base, mean words) of all variants are
+drawn on one figure, ``OUT/ablation.png``, and tabulated in ``OUT/ablation.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "online_smollm2_concise.yaml"
+LEARNER = ["ray.teacher_in=learner"]
+LORA = ["model.lora={r: 16, alpha: 32}", "ray.vllm.max_lora_rank=16"]
+VARIANTS: dict[str, list[str]] = {
+    "full_live_1e-5": ["model.lora=null", "optim.lr=1e-5"],
+    "full_ema_1e-5": ["model.lora=null", "optim.lr=1e-5", "teacher.weights=ema", *LEARNER],
+    "full_frozen_1e-5": ["model.lora=null", "optim.lr=1e-5", "teacher.weights=frozen", *LEARNER],
+    "full_live_1e-5_batch16": ["model.lora=null", "optim.lr=1e-5", "online.prompts_per_step=16", "online.steps=8",
+                               "online.eval_every=2", "optim.grad_accum_steps=4"],
+    "lora_live_1e-4": [*LORA, *LEARNER, "optim.lr=1e-4"],
+    "lora_live_2e-4": [*LORA, *LEARNER, "optim.lr=2e-4"],
+    "lora_ema_2e-4": [*LORA, *LEARNER, "optim.lr=2e-4", "teacher.weights=ema"],
+}
+
+
+def run_variant(name: str, overrides: list[str], out: Path) -> dict:
+    run_dir = out / name
+    if not (run_dir / "eval.json").exists():
+        cmd = [sys.executable, "-m", "rayuid.cli", "train", str(JOB), f"run_dir={run_dir}", *overrides]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    points = json.loads((run_dir / "eval.json").read_text())["points"]
+    return {"overrides": overrides, "points": points,
+            "samples": json.loads((run_dir / "eval.json").read_text())["samples"]["after"][:3]}
+
+
+def plot(results: dict, path: Path) -> None:
+    from rayuid.plots import plt
+
+    panels = [("adherence", "held-out adherence"), ("win_rate_vs_base", "win rate vs base"),
+              ("mean_words", "mean reply words")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, res in results.items():
+        xs = [p["interactions"] for p in res["points"]]
+        for ax, (key, title) in zip(axes, panels):
+            ys = [p[key]["rate"] if isinstance(p[key], dict) else p[key] for p in res["points"]]
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+            ax.set_title(title)
+            ax.set_xlabel("training interactions")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", default="runs/ablation")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {name: run_variant(name, VARIANTS[name], out.absolute()) for name in args.variants}
+    (out / "ablation.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "ablation.png")
+    print(f"{'variant':<26}{'adherence':>10}{'win rate':>10}{'words':>8}   (last point; best point adherence)")
+    for name, res in results.items():
+        last = res["points"][-1]
+        best = max(p.get("adherence", 0) for p in res["points"])
+        print(f"{name:<26}{last['adherence']:>10.2f}{last['win_rate_vs_base']['rate']:>10.2f}"
+              f"{last['mean_words']:>8.1f}   best {best:.2f}")
+    print(f"figure: {out / 'ablation.png'}")
+
+
+if __name__ == "__main__":
+    main()

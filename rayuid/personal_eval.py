@@ -1,0 +1,223 @@
+"""Held-out evaluation of per-user personalization runs (paper §6.6-§6.7, Figs 4-6 and 9).
+
+At every evaluation point each user's adapter answers the held-out prompts greedily (one multi-LoRA batch), and
+each of the user's personas judges the replies programmatically: adherence (share of replies the persona accepts)
+and win rate vs the base model's reply to the same prompt. Baselines, computed once: the base model, and the
+in-context oracle (the base model with the persona in its system prompt). At the end, every user's persona also
+judges every other user's adapter: does each adapter fit its own user best?
+
+Outputs in the run dir: ``results.json`` (everything), ``results.csv`` (one row per point × user × persona) and
+``results.png`` (adherence and win-rate curves per user, baselines dashed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from rayuid import judges, phases
+from rayuid.config import TrainConfig, UserSpec
+from rayuid.plots import plt
+from rayuid.prompts import Prompt
+from rayuid.users import make_persona
+
+
+def persona_at(user: UserSpec, step: int, switch_every: int | None) -> str:
+    """The persona ``user`` plays at ``step`` (0-based): its schedule advances every ``switch_every`` steps."""
+    if len(user.personas) == 1:
+        return user.personas[0]
+    return user.personas[min(step // switch_every, len(user.personas) - 1)]
+
+
+def with_system_prompt(prompt: Prompt, system: str) -> Prompt:
+    """The in-context oracle's view of a prompt: the persona's profile as (or ahead of) the system prompt."""
+    rest = [m for m in prompt.messages if m["role"] != "system"]
+    old = [m["content"] for m in prompt.messages if m["role"] == "system"]
+    return Prompt(prompt.id, [{"role": "system", "content": "\n\n".join([*old, system])}] + rest)
+
+
+def measure(persona: str, params: dict, replies: list[str], base: list[str]) -> dict:
+    """Adherence and win rate vs base of ``replies`` under ``persona`` (checkable personas), and mean length."""
+    out = {"mean_words": sum(len(r.split()) for r in replies) / max(len(replies), 1)}
+    if judges.verify(persona, "probe", **params) is not None:
+        out["adherence"] = judges.adherence(persona, replies, **params)
+        wr = judges.win_rate([judges.programmatic_preference(persona, a, b, **params) for a, b in zip(replies, base)])
+        out.update(win_rate=wr.rate, win_rate_se=wr.se, wins=wr.wins, losses=wr.losses, ties=wr.ties)
+    return out
+
+
+class PersonalEval:
+    def __init__(self, cfg: TrainConfig, prompts: list[Prompt], options):
+        self.cfg, self.prompts, self.options = cfg, prompts, options
+        self.users = {u.id: u for u in cfg.online.users}
+        self.rows: list[dict] = []
+        self.base: list[str] | None = None
+        self.oracle: dict[str, list[str]] = {}
+        self.replies: dict[str, list[str]] = {}
+
+    def _greedy(self, system, tokenizer, prompts: list[Prompt], users: list[str | None]) -> list[str]:
+        o, r = self.cfg.online, self.cfg.ray
+        sampling = {"n": 1, "temperature": 0.0, "max_tokens": o.sampling.max_tokens}
+        samples = phases.generate(system, tokenizer, prompts, -1, sampling, self.options, 0, r.call_timeout_s,
+                                  r.max_restarts, users=users, unknown_user="base")
+        return [s.generation.text for s in samples]
+
+    def _baselines(self, system, tokenizer) -> None:
+        n = len(self.prompts)
+        self.base = self._greedy(system, tokenizer, self.prompts, [None] * n)
+        if self.cfg.online.oracle:
+            names = sorted({p for u in self.users.values() for p in u.personas})
+            views = [with_system_prompt(p, make_persona(name, **self._params(name)).description)
+                     for name in names for p in self.prompts]
+            texts = self._greedy(system, tokenizer, views, [None] * len(views))
+            self.oracle = {name: texts[i * n: (i + 1) * n] for i, name in enumerate(names)}
+
+    def _params(self, persona: str) -> dict:
+        """Persona parameters as the (first) user playing it set them."""
+        return next((dict(u.params) for u in self.users.values() if persona in u.personas), {})
+
+    def __call__(self, system, tokenizer, step: int, versions: dict[str, int]) -> list[dict]:
+        """Evaluate every user's current adapter after ``step`` steps; returns the new rows."""
+        if self.base is None:
+            self._baselines(system, tokenizer)
+        ids = list(self.users)
+        texts = self._greedy(system, tokenizer, self.prompts * len(ids), [u for u in ids for _ in self.prompts])
+        n, rows = len(self.prompts), []
+        for k, uid in enumerate(ids):
+            self.replies[uid] = texts[k * n: (k + 1) * n]
+            user = self.users[uid]
+            active = persona_at(user, max(step - 1, 0), self.cfg.online.switch_every)
+            for persona in dict.fromkeys(user.personas):
+                row = {"step": step, "interactions": step * self.cfg.online.prompts_per_step, "user": uid,
+                       "persona": persona, "active": persona == active, "version": versions.get(uid, 0)}
+                rows.append({**row, **measure(persona, dict(user.params), self.replies[uid], self.base)})
+        self.rows += rows
+        return rows
+
+    def baselines(self) -> list[dict]:
+        """Base and oracle measured by every persona of the run."""
+        out = []
+        for uid, user in self.users.items():
+            for persona in dict.fromkeys(user.personas):
+                params = dict(user.params)
+                out.append({"user": uid, "persona": persona, "system": "base",
+                            **measure(persona, params, self.base, self.base)})
+                if persona in self.oracle:
+                    out.append({"user": uid, "persona": persona, "system": "oracle",
+                                **measure(persona, params, self.oracle[persona], self.base)})
+        return out
+
+    def cross(self) -> list[dict]:
+        """Each user's (final) persona judges every user's adapter: vs base, and own adapter vs that adapter."""
+        out = []
+        for judge_id, judge in self.users.items():
+            persona, params = judge.personas[-1], dict(judge.params)
+            if judges.verify(persona, "probe", **params) is None:
+                continue
+            own = self.replies[judge_id]
+            for adapter_id, replies in self.replies.items():
+                m = measure(persona, params, replies, self.base)
+                own_vs = judges.win_rate([judges.programmatic_preference(persona, a, b, **params)
+                                          for a, b in zip(own, replies)])
+                out.append({"judge_user": judge_id, "persona": persona, "adapter": adapter_id,
+                            "adherence": m["adherence"], "win_rate_vs_base": m["win_rate"],
+                            "own_adapter_win_rate": own_vs.rate, "own_adapter_se": own_vs.se})
+        return out
+
+    def retention(self) -> list[dict]:
+        """Users with a persona schedule: each persona's adherence when its phase ended and at the end of the run."""
+        out, every = [], self.cfg.online.switch_every
+        for uid, user in self.users.items():
+            if len(user.personas) < 2:
+                continue
+            for i, persona in enumerate(user.personas):
+                mine = [r for r in self.rows if r["user"] == uid and r["persona"] == persona and "adherence" in r]
+                phase_end = [r for r in mine if r["step"] <= (i + 1) * every] or mine[:1]
+                if mine:
+                    out.append({"user": uid, "persona": persona, "phase_end_step": phase_end[-1]["step"],
+                                "adherence_at_phase_end": phase_end[-1]["adherence"],
+                                "adherence_at_end": mine[-1]["adherence"]})
+        return out
+
+    def state(self) -> dict:
+        return {"rows": self.rows}
+
+    def restore(self, state: dict) -> None:
+        self.rows = list(state.get("rows", []))
+
+    def finish(self, run_dir: Path) -> dict:
+        results = {"prompts": [p.messages[-1]["content"] for p in self.prompts], "rows": self.rows,
+                   "baselines": self.baselines(), "cross": self.cross(), "retention": self.retention(),
+                   "samples": {"base": self.base[:3], **{u: r[:3] for u, r in self.replies.items()}}}
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        write_csv(run_dir / "results.csv", self.rows)
+        o = self.cfg.online
+        plot(run_dir / "results.png", self.rows, results["baselines"],
+             o.switch_every * o.prompts_per_step if o.switch_every else None)
+        return results
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(path: Path, rows: list[dict], baselines: list[dict], switch_at: int | None) -> Path:
+    """Per user: adherence (top) and win rate vs base (bottom) per persona; base and oracle dashed; grey lines
+    where a user's persona switches (every ``switch_at`` interactions)."""
+    users = list(dict.fromkeys(r["user"] for r in rows))
+    fig, axes = plt.subplots(2, len(users), figsize=(4.4 * len(users), 6.0), squeeze=False)
+    for col, uid in enumerate(users):
+        personas = list(dict.fromkeys(r["persona"] for r in rows if r["user"] == uid and "adherence" in r))
+        for k, persona in enumerate(personas):
+            mine = [r for r in rows if r["user"] == uid and r["persona"] == persona]
+            xs, color = [r["interactions"] for r in mine], f"C{k}"
+            axes[0][col].plot(xs, [r["adherence"] for r in mine], marker="o", color=color, label=persona)
+            axes[1][col].plot(xs, [r["win_rate"] for r in mine], marker="o", color=color, label=persona)
+            for b in baselines:
+                if b["user"] == uid and b["persona"] == persona and "adherence" in b:
+                    style = ":" if b["system"] == "base" else "--"
+                    axes[0][col].axhline(b["adherence"], color=color, linestyle=style, linewidth=1,
+                                         label=f"{persona} {b['system']}")
+        axes[0][col].set_title(f"user {uid}: held-out adherence")
+        axes[1][col].set_title(f"user {uid}: win rate vs base")
+        axes[1][col].axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        for ax in axes[:, col]:
+            ax.set_xlabel("this user's training interactions")
+            ax.set_ylim(-0.05, 1.05)
+            for i in range(1, len(personas) if switch_at else 0):
+                ax.axvline(i * switch_at, color="grey", linewidth=0.8)
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def results_table(results: dict) -> str:
+    """Before/after per user and persona, the baselines, and (several users) the cross-adapter check."""
+    rows = results["rows"]
+    base = {(b["user"], b["persona"], b["system"]): b for b in results["baselines"]}
+    lines = [f"{'user':<10}{'persona':<18}{'base':>7}{'oracle':>8}{'start':>7}{'end':>7}{'win vs base':>20}",
+             "  (adherence on the held-out prompts; win rate = wins/(wins+losses) ± analytic SE)"]
+    for key in dict.fromkeys((r["user"], r["persona"]) for r in rows if "adherence" in r):
+        mine = [r for r in rows if (r["user"], r["persona"]) == key]
+        first, last = mine[0], mine[-1]
+        oracle = base.get((*key, "oracle"), {}).get("adherence")
+        lines.append(f"{key[0]:<10}{key[1]:<18}{base[(*key, 'base')]['adherence']:>7.2f}"
+                     f"{'-' if oracle is None else f'{oracle:.2f}':>8}{first['adherence']:>7.2f}"
+                     f"{last['adherence']:>7.2f}{last['win_rate']:>9.2f} ± {last['win_rate_se']:.2f}"
+                     f" ({last['wins']}W/{last['losses']}L)")
+    if len({c["adapter"] for c in results["cross"]}) > 1:
+        lines += ["", "cross-adapter check: each user's persona judges every adapter (adherence; own-adapter win rate)"]
+        for c in results["cross"]:
+            lines.append(f"  {c['judge_user']:<10}judges {c['adapter']:<10}adherence {c['adherence']:.2f}   "
+                         f"own adapter wins {c['own_adapter_win_rate']:.2f}")
+    for ret in results["retention"]:
+        lines.append(f"retention {ret['user']}/{ret['persona']}: {ret['adherence_at_phase_end']:.2f} at the end of "
+                     f"its phase (step {ret['phase_end_step']}) → {ret['adherence_at_end']:.2f} at the end")
+    return "\n".join(lines)
