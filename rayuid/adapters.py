@@ -13,6 +13,7 @@ On disk (``AdapterStore``): ``RUN_DIR/adapters/<user>/v000003/`` = ``adapter_con
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -83,7 +84,9 @@ class UserAdapters:
                              "(e.g. model.lora.r=16) in the job config")
         self.cfg, self.total_steps = cfg, total_steps
         path = resolve_model(cfg.model.name)
-        self.base = load_causal_lm(path, cfg.model.dtype)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.base = load_causal_lm(path, cfg.model.dtype).to(self.device)
         self.model = None  # the PeftModel, built with the first user's adapter
         self.pad_id = load_tokenizer(path).pad_token_id
         self.optimizers: dict[str, tuple] = {}
@@ -134,7 +137,8 @@ class UserAdapters:
         self._activate(user)
         optimizer, scheduler = self.optimizers[user]
         teacher = self.teachers[user]
-        stats = train_batch(self.model, pairs, teacher, self.cfg, self.pad_id)
+        with self._placed():
+            stats = train_batch(self.model, pairs, teacher, self.cfg, self.pad_id)
         stats["grad_norm"] = optimizer_step(self.model, optimizer, scheduler, self.cfg.optim.max_grad_norm)
         teacher.after_step()
         self.versions[user] += 1
@@ -148,9 +152,17 @@ class UserAdapters:
         config = jsonable(self.model.peft_config[user].to_dict())
         return pack_state_dict(state, self.versions[user], "lora", config)
 
+    def _placed(self):
+        """On GPU the scoring code builds its tensors without a device: make them land on the model's."""
+        return contextlib.nullcontext() if self.device.type == "cpu" else self.device
+
     @torch.no_grad()
     def response_logprobs(self, user: str | None, pairs: list[ScoringPair]) -> list[list[float]]:
         """log π(y_i | x, y<i) under ``user``'s adapter, or the base model for ``user=None``."""
+        with self._placed():
+            return self._logprobs(user, pairs)
+
+    def _logprobs(self, user: str | None, pairs: list[ScoringPair]) -> list[list[float]]:
         batch = student_batch(pairs, self.pad_id)
         if user is None:
             if self.model is None:

@@ -169,7 +169,21 @@ class UserSpec(_Strict):
     id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     personas: list[str] = Field(min_length=1)
     """More than one: the user changes preference every ``online.switch_every`` steps (flip / sequential runs)."""
-    params: dict[str, float] = {}
+    params: dict[str, dict[str, float]] = {}
+    """Per persona, e.g. {concise: {max_words: 30}}."""
+
+    @model_validator(mode="after")
+    def _check_params(self) -> "UserSpec":
+        if unknown := sorted(set(self.params) - set(self.personas)):
+            raise ValueError(f"user {self.id}: params for {unknown}, which are not among its personas {self.personas}")
+        from rayuid.users import make_persona
+
+        for persona in self.personas:
+            make_persona(persona, **self.persona_params(persona))  # unknown persona or parameter: says which exist
+        return self
+
+    def persona_params(self, persona: str) -> dict[str, float]:
+        return dict(self.params.get(persona, {}))
 
 
 class OnlineSettings(_Strict):
@@ -206,6 +220,9 @@ class OnlineSettings(_Strict):
             raise ValueError(f"online.users ids must be unique, got {ids}")
         if any(len(u.personas) > 1 for u in self.users) and self.switch_every is None:
             raise ValueError("a user with several personas needs online.switch_every (steps per persona)")
+        if self.users and self.switch_every and self.eval_every and self.switch_every % self.eval_every:
+            raise ValueError(f"online.switch_every={self.switch_every} must be a multiple of online.eval_every="
+                             f"{self.eval_every}, so that every preference switch is an evaluation point")
         return self
 
 

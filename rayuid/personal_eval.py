@@ -55,6 +55,7 @@ class PersonalEval:
         self.base: list[str] | None = None
         self.oracle: dict[str, list[str]] = {}
         self.replies: dict[str, list[str]] = {}
+        self.phase_start: dict[str, list[str]] = {}   # "user/persona" → replies when that persona was introduced
 
     def _greedy(self, system, tokenizer, prompts: list[Prompt], users: list[str | None]) -> list[str]:
         o, r = self.cfg.online, self.cfg.ray
@@ -75,7 +76,7 @@ class PersonalEval:
 
     def _params(self, persona: str) -> dict:
         """Persona parameters as the (first) user playing it set them."""
-        return next((dict(u.params) for u in self.users.values() if persona in u.personas), {})
+        return next((u.persona_params(persona) for u in self.users.values() if persona in u.personas), {})
 
     def __call__(self, system, tokenizer, step: int, versions: dict[str, int]) -> list[dict]:
         """Evaluate every user's current adapter after ``step`` steps; returns the new rows."""
@@ -88,19 +89,32 @@ class PersonalEval:
             self.replies[uid] = texts[k * n: (k + 1) * n]
             user = self.users[uid]
             active = persona_at(user, max(step - 1, 0), self.cfg.online.switch_every)
+            upcoming = persona_at(user, step, self.cfg.online.switch_every)
+            self.phase_start.setdefault(f"{uid}/{upcoming}", self.replies[uid])
             for persona in dict.fromkeys(user.personas):
                 row = {"step": step, "interactions": step * self.cfg.online.prompts_per_step, "user": uid,
                        "persona": persona, "active": persona == active, "version": versions.get(uid, 0)}
-                rows.append({**row, **measure(persona, dict(user.params), self.replies[uid], self.base)})
+                params = user.persona_params(persona)
+                rows.append({**row, **measure(persona, params, self.replies[uid], self.base),
+                             **self._vs_phase_start(uid, persona, params)})
         self.rows += rows
         return rows
+
+    def _vs_phase_start(self, uid: str, persona: str, params: dict) -> dict:
+        """Paper Fig 6: a later preference is measured against the policy of the moment it was introduced."""
+        start = self.phase_start.get(f"{uid}/{persona}")
+        if start is None or len(self.users[uid].personas) < 2 or judges.verify(persona, "probe", **params) is None:
+            return {}
+        wr = judges.win_rate([judges.programmatic_preference(persona, a, b, **params)
+                              for a, b in zip(self.replies[uid], start)])
+        return {"win_rate_vs_phase_start": wr.rate, "win_rate_vs_phase_start_se": wr.se}
 
     def baselines(self) -> list[dict]:
         """Base and oracle measured by every persona of the run."""
         out = []
         for uid, user in self.users.items():
             for persona in dict.fromkeys(user.personas):
-                params = dict(user.params)
+                params = user.persona_params(persona)
                 out.append({"user": uid, "persona": persona, "system": "base",
                             **measure(persona, params, self.base, self.base)})
                 if persona in self.oracle:
@@ -112,7 +126,8 @@ class PersonalEval:
         """Each user's (final) persona judges every user's adapter: vs base, and own adapter vs that adapter."""
         out = []
         for judge_id, judge in self.users.items():
-            persona, params = judge.personas[-1], dict(judge.params)
+            persona = judge.personas[-1]
+            params = judge.persona_params(persona)
             if judges.verify(persona, "probe", **params) is None:
                 continue
             own = self.replies[judge_id]
@@ -141,10 +156,11 @@ class PersonalEval:
         return out
 
     def state(self) -> dict:
-        return {"rows": self.rows}
+        return {"rows": self.rows, "phase_start": self.phase_start}
 
     def restore(self, state: dict) -> None:
         self.rows = list(state.get("rows", []))
+        self.phase_start = dict(state.get("phase_start", {}))
 
     def finish(self, run_dir: Path) -> dict:
         results = {"prompts": [p.messages[-1]["content"] for p in self.prompts], "rows": self.rows,

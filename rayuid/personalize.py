@@ -106,7 +106,7 @@ def simulate(r: Run, samples: list[phases.Sample], step: int) -> dict[str, str]:
         mine = [s for s in samples if s.user == user.id]
         active[user.id] = persona_at(user, step, r.cfg.online.switch_every)
         followups = ray.get(r.system.user.respond_as.remote(
-            active[user.id], dict(user.params), [s.prompt.messages[-1]["content"] for s in mine],
+            active[user.id], user.persona_params(active[user.id]), [s.prompt.messages[-1]["content"] for s in mine],
             [s.generation.text for s in mine]), timeout=r.timeout)
         for s, followup in zip(mine, followups):
             s.followup = followup

@@ -60,3 +60,29 @@ def test_unreachable_cluster_is_a_clear_error():
         pytest.skip("a Ray session is already running in this process")
     with pytest.raises(ClusterError, match="ray start --head"):
         connect("127.0.0.1:1", None)
+
+
+def test_per_user_settings_are_validated_with_the_fix_in_the_message():
+    from rayuid.config import TrainConfig
+
+    base = {"model": {"name": "x", "lora": {"r": 8}}, "template": {"max_prompt_tokens": 64, "max_response_tokens": 256},
+            "ray": {"teacher_in": "learner", "vllm": {"max_lora_rank": 8}},
+            "online": {"users": [{"id": "a", "personas": ["concise"]}]}}
+    assert TrainConfig.model_validate(base).online.users[0].persona_params("concise") == {}
+    cases = [
+        ({"online": {"users": [{"id": "a", "personas": ["concise"]}] * 2}}, "unique"),
+        ({"online": {"users": [{"id": "a b", "personas": ["concise"]}]}}, "pattern"),
+        ({"online": {"users": [{"id": "a", "personas": ["nope"]}]}}, "known personas"),
+        ({"online": {"users": [{"id": "a", "personas": ["concise"], "params": {"concise": {"min_words": 3}}}]}},
+         "no parameter"),
+        ({"online": {"users": [{"id": "a", "personas": ["concise"], "params": {"detailed": {}}}]}}, "not among"),
+        ({"online": {"users": [{"id": "a", "personas": ["concise", "detailed"]}]}}, "switch_every"),
+        ({"online": {"users": [{"id": "a", "personas": ["concise", "detailed"]}], "switch_every": 3,
+                     "eval_every": 2, "heldout_prompts": 2}}, "multiple of"),
+        ({"model": {"name": "x"}}, "model.lora"),
+        ({"ray": {"teacher_in": "vllm", "vllm": {"max_lora_rank": 8}}}, "ray.teacher_in=learner"),
+        ({"ray": {"teacher_in": "learner", "vllm": {"max_lora_rank": 4}}}, "max_lora_rank"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.model_validate({**base, **change})
