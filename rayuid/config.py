@@ -134,6 +134,8 @@ class RaySettings(_Strict):
     """0 = the teacher scores on the rollout engines (one engine per worker, needed on 2 cores)."""
     engine: Resources = Resources()
     user: Resources = Resources(num_cpus=0.0)
+    judge: Resources = Resources()
+    """The LLM judge's engine (only started when online.judge is set)."""
     teacher_in: Literal["vllm", "learner"] = "vllm"
     """vllm = one batched prefill (prompt_logprobs) on the live policy; learner = a no-grad forward in the learner."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -161,6 +163,16 @@ class UserSettings(_Strict):
     """LLM simulator model (default: the policy's base model)."""
     max_tokens: int = Field(96, ge=1)
     temperature: float = Field(0.0, ge=0)
+
+
+class JudgeSettings(_Strict):
+    """Pairwise LLM judge of held-out replies (per-user runs): the persona is its system prompt; A/B/tie, both orders."""
+
+    model: str | None = None
+    """Judge model (default: the policy's base model); the paper used Qwen3-8B for a Qwen3-4B policy."""
+    max_tokens: int = Field(8, ge=1)
+    max_model_len: int | None = Field(None, ge=64)
+    """The judge sees a request and two replies: give it a longer context than ray.vllm.max_model_len if needed."""
 
 
 class UserSpec(_Strict):
@@ -212,6 +224,7 @@ class OnlineSettings(_Strict):
     """What the engines serve a user without an adapter: the base model, or an error."""
     oracle: bool = True
     """Also evaluate the in-context oracle: the base model with the persona in its system prompt."""
+    judge: JudgeSettings | None = None
 
     @model_validator(mode="after")
     def _check_users(self) -> "OnlineSettings":

@@ -15,6 +15,9 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Callable
+
+import ray
 
 from rayuid import judges, phases
 from rayuid.config import TrainConfig, UserSpec
@@ -37,13 +40,24 @@ def with_system_prompt(prompt: Prompt, system: str) -> Prompt:
     return Prompt(prompt.id, [{"role": "system", "content": "\n\n".join([*old, system])}] + rest)
 
 
-def measure(persona: str, params: dict, replies: list[str], base: list[str]) -> dict:
-    """Adherence and win rate vs base of ``replies`` under ``persona`` (checkable personas), and mean length."""
+JudgeFn = Callable[[str, list[str], list[str]], list[str]]
+"""(persona description, replies x, replies y) → "x" / "y" / "tie" per held-out prompt (``judges.judge_pairs``)."""
+
+
+def measure(persona: str, params: dict, replies: list[str], base: list[str], judge: JudgeFn | None = None) -> dict:
+    """Mean length; for checkable personas adherence and programmatic win rate vs base; with an LLM judge its win
+    rate too (``judge_*``), which is also *the* win rate of personas no rule can check."""
     out = {"mean_words": sum(len(r.split()) for r in replies) / max(len(replies), 1)}
     if judges.verify(persona, "probe", **params) is not None:
         out["adherence"] = judges.adherence(persona, replies, **params)
         wr = judges.win_rate([judges.programmatic_preference(persona, a, b, **params) for a, b in zip(replies, base)])
         out.update(win_rate=wr.rate, win_rate_se=wr.se, wins=wr.wins, losses=wr.losses, ties=wr.ties)
+    if judge is not None:
+        wr = judges.win_rate(judge(make_persona(persona, **params).description, replies, base))
+        out.update(judge_win_rate=wr.rate, judge_win_rate_se=wr.se, judge_wins=wr.wins, judge_losses=wr.losses,
+                   judge_ties=wr.ties)
+        if "win_rate" not in out:
+            out.update(win_rate=wr.rate, win_rate_se=wr.se, wins=wr.wins, losses=wr.losses, ties=wr.ties)
     return out
 
 
@@ -55,6 +69,7 @@ class PersonalEval:
         self.base: list[str] | None = None
         self.oracle: dict[str, list[str]] = {}
         self.replies: dict[str, list[str]] = {}
+        self.judge: JudgeFn | None = None
         self.phase_start: dict[str, list[str]] = {}   # "user/persona" → replies when that persona was introduced
 
     def _greedy(self, system, tokenizer, prompts: list[Prompt], users: list[str | None]) -> list[str]:
@@ -64,7 +79,17 @@ class PersonalEval:
                                   r.max_restarts, users=users, unknown_user="base")
         return [s.generation.text for s in samples]
 
+    def _connect_judge(self, system) -> None:
+        """The LLM judge actor (``online.judge``), bound to the held-out prompts."""
+        if getattr(system, "judge", None) is None:
+            return
+        self.system_judge = system.judge
+        prompts = [p.messages[-1]["content"] for p in self.prompts]
+        timeout = self.cfg.ray.call_timeout_s
+        self.judge = lambda desc, xs, ys: ray.get(system.judge.judge.remote(desc, prompts, xs, ys), timeout=timeout)
+
     def _baselines(self, system, tokenizer) -> None:
+        self._connect_judge(system)
         n = len(self.prompts)
         self.base = self._greedy(system, tokenizer, self.prompts, [None] * n)
         if self.cfg.online.oracle:
@@ -95,7 +120,7 @@ class PersonalEval:
                 row = {"step": step, "interactions": step * self.cfg.online.prompts_per_step, "user": uid,
                        "persona": persona, "active": persona == active, "version": versions.get(uid, 0)}
                 params = user.persona_params(persona)
-                rows.append({**row, **measure(persona, params, self.replies[uid], self.base),
+                rows.append({**row, **measure(persona, params, self.replies[uid], self.base, self.judge),
                              **self._vs_phase_start(uid, persona, params)})
         self.rows += rows
         return rows
@@ -116,10 +141,10 @@ class PersonalEval:
             for persona in dict.fromkeys(user.personas):
                 params = user.persona_params(persona)
                 out.append({"user": uid, "persona": persona, "system": "base",
-                            **measure(persona, params, self.base, self.base)})
+                            **measure(persona, params, self.base, self.base)})  # the base ties itself
                 if persona in self.oracle:
                     out.append({"user": uid, "persona": persona, "system": "oracle",
-                                **measure(persona, params, self.oracle[persona], self.base)})
+                                **measure(persona, params, self.oracle[persona], self.base, self.judge)})
         return out
 
     def cross(self) -> list[dict]:
@@ -128,16 +153,20 @@ class PersonalEval:
         for judge_id, judge in self.users.items():
             persona = judge.personas[-1]
             params = judge.persona_params(persona)
-            if judges.verify(persona, "probe", **params) is None:
+            checkable = judges.verify(persona, "probe", **params) is not None
+            if not checkable and self.judge is None:
                 continue
             own = self.replies[judge_id]
             for adapter_id, replies in self.replies.items():
-                m = measure(persona, params, replies, self.base)
-                own_vs = judges.win_rate([judges.programmatic_preference(persona, a, b, **params)
-                                          for a, b in zip(own, replies)])
+                m = measure(persona, params, replies, self.base, self.judge)
+                if checkable:
+                    own_vs = [judges.programmatic_preference(persona, a, b, **params) for a, b in zip(own, replies)]
+                else:
+                    own_vs = self.judge(make_persona(persona, **params).description, own, replies)
+                wr = judges.win_rate(own_vs)
                 out.append({"judge_user": judge_id, "persona": persona, "adapter": adapter_id,
-                            "adherence": m["adherence"], "win_rate_vs_base": m["win_rate"],
-                            "own_adapter_win_rate": own_vs.rate, "own_adapter_se": own_vs.se})
+                            "adherence": m.get("adherence"), "win_rate_vs_base": m["win_rate"],
+                            "own_adapter_win_rate": wr.rate, "own_adapter_se": wr.se})
         return out
 
     def retention(self) -> list[dict]:
@@ -164,6 +193,7 @@ class PersonalEval:
 
     def finish(self, run_dir: Path) -> dict:
         results = {"prompts": [p.messages[-1]["content"] for p in self.prompts], "rows": self.rows,
+                   "judge": ray.get(self.system_judge.stats.remote()) if self.judge is not None else None,
                    "baselines": self.baselines(), "cross": self.cross(), "retention": self.retention(),
                    "samples": {"base": self.base[:3], **{u: r[:3] for u, r in self.replies.items()}}}
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -188,11 +218,12 @@ def plot(path: Path, rows: list[dict], baselines: list[dict], switch_at: int | N
     users = list(dict.fromkeys(r["user"] for r in rows))
     fig, axes = plt.subplots(2, len(users), figsize=(4.4 * len(users), 6.0), squeeze=False)
     for col, uid in enumerate(users):
-        personas = list(dict.fromkeys(r["persona"] for r in rows if r["user"] == uid and "adherence" in r))
+        personas = list(dict.fromkeys(r["persona"] for r in rows if r["user"] == uid and "win_rate" in r))
         for k, persona in enumerate(personas):
             mine = [r for r in rows if r["user"] == uid and r["persona"] == persona]
             xs, color = [r["interactions"] for r in mine], f"C{k}"
-            axes[0][col].plot(xs, [r["adherence"] for r in mine], marker="o", color=color, label=persona)
+            if "adherence" in mine[0]:
+                axes[0][col].plot(xs, [r["adherence"] for r in mine], marker="o", color=color, label=persona)
             axes[1][col].plot(xs, [r["win_rate"] for r in mine], marker="o", color=color, label=persona)
             for b in baselines:
                 if b["user"] == uid and b["persona"] == persona and "adherence" in b:
@@ -218,22 +249,26 @@ def results_table(results: dict) -> str:
     """Before/after per user and persona, the baselines, and (several users) the cross-adapter check."""
     rows = results["rows"]
     base = {(b["user"], b["persona"], b["system"]): b for b in results["baselines"]}
-    lines = [f"{'user':<10}{'persona':<18}{'base':>7}{'oracle':>8}{'start':>7}{'end':>7}{'win vs base':>20}",
+    lines = [f"{'user':<10}{'persona':<18}{'base':>7}{'oracle':>8}{'start':>7}{'end':>7}{'win vs base':>20}"
+             f"{'oracle win':>12}",
              "  (adherence on the held-out prompts; win rate = wins/(wins+losses) ± analytic SE)"]
-    for key in dict.fromkeys((r["user"], r["persona"]) for r in rows if "adherence" in r):
+    for key in dict.fromkeys((r["user"], r["persona"]) for r in rows if "win_rate" in r):
         mine = [r for r in rows if (r["user"], r["persona"]) == key]
-        first, last = mine[0], mine[-1]
-        oracle = base.get((*key, "oracle"), {}).get("adherence")
-        lines.append(f"{key[0]:<10}{key[1]:<18}{base[(*key, 'base')]['adherence']:>7.2f}"
-                     f"{'-' if oracle is None else f'{oracle:.2f}':>8}{first['adherence']:>7.2f}"
-                     f"{last['adherence']:>7.2f}{last['win_rate']:>9.2f} ± {last['win_rate_se']:.2f}"
-                     f" ({last['wins']}W/{last['losses']}L)")
+        first, last, oracle = mine[0], mine[-1], base.get((*key, "oracle"), {})
+        lines.append(f"{key[0]:<10}{key[1]:<18}{_f(base[(*key, 'base')].get('adherence')):>7}"
+                     f"{_f(oracle.get('adherence')):>8}{_f(first.get('adherence')):>7}{_f(last.get('adherence')):>7}"
+                     f"{last['win_rate']:>9.2f} ± {last['win_rate_se']:.2f} ({last['wins']}W/{last['losses']}L)"
+                     f"{_f(oracle.get('win_rate')):>10}")
     if len({c["adapter"] for c in results["cross"]}) > 1:
         lines += ["", "cross-adapter check: each user's persona judges every adapter (adherence; own-adapter win rate)"]
         for c in results["cross"]:
-            lines.append(f"  {c['judge_user']:<10}judges {c['adapter']:<10}adherence {c['adherence']:.2f}   "
+            lines.append(f"  {c['judge_user']:<10}judges {c['adapter']:<10}adherence {_f(c['adherence'])}   "
                          f"own adapter wins {c['own_adapter_win_rate']:.2f}")
     for ret in results["retention"]:
         lines.append(f"retention {ret['user']}/{ret['persona']}: {ret['adherence_at_phase_end']:.2f} at the end of "
                      f"its phase (step {ret['phase_end_step']}) → {ret['adherence_at_end']:.2f} at the end")
     return "\n".join(lines)
+
+
+def _f(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

@@ -144,3 +144,13 @@ def test_lora_scoring_failure_names_the_workaround(engine, monkeypatch):
     monkeypatch.setattr(engine.llm, "generate", broken)
     with pytest.raises(RuntimeError, match="ray.teacher_in=learner"):
         engine.score(PROMPTS, [[50, 2], [70, 2]])
+
+
+def test_judge_skips_what_does_not_fit_and_counts_it(engine):
+    from rayuid.actors.judge import JudgeWorker
+
+    judge = JudgeWorker.__new__(JudgeWorker)  # the actor body around this module's engine (no second engine)
+    judge.engine, judge.max_tokens, judge.limit, judge.judged, judge.too_long = engine, 4, 1020, 0, 0
+    out = judge.judge("I want short answers.", ["Hi?", "Hello?"], ["Short.", "word " * 1200], ["Longer reply.", "ok"])
+    assert len(out) == 2 and out[1] == "tie" and set(out) <= {"x", "y", "tie"}
+    assert judge.stats() == {"judged": 4, "too_long": 2}

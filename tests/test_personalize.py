@@ -27,14 +27,15 @@ def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, ti
     from rayuid.personalize import run
 
     run_dir = tmp_path / "run"
-    first = run(_cfg(run_dir, tiny_model_dir, "online.steps=2"))
+    judged = ["online.judge={max_tokens: 4, max_model_len: 400}", "ray.judge={num_cpus: 0.5}"]  # + an LLM judge
+    first = run(_cfg(run_dir, tiny_model_dir, "online.steps=2", *judged))
     assert first["steps_done"] == 2 and first["interactions_trained"] == 2 * 3 * 2
     store = AdapterStore(run_dir / "adapters")
     assert store.users() == ["ann", "ben", "cat"] and all(store.versions(u)[-1] == 2 for u in store.users())
     samples = [json.loads(ln) for ln in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len({s["id"] for s in samples}) == len(samples) == 12
 
-    resumed = run(_cfg(run_dir, tiny_model_dir, "online.steps=3"))              # resume at step 2 with 3 users
+    resumed = run(_cfg(run_dir, tiny_model_dir, "online.steps=3", *judged))              # resume at step 2 with 3 users
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and resumed["interactions_trained"] == 18
     assert {u: v["version"] for u, v in metrics[-1]["users"].items()} == {"ann": 3, "ben": 3, "cat": 3}
@@ -47,6 +48,8 @@ def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, ti
                                                                     ("cat", "no_lists"), ("cat", "concise")}
     assert {b["system"] for b in results["baselines"]} == {"base", "oracle"}
     assert len(results["cross"]) == 9 and {r["persona"] for r in results["retention"]} == {"no_lists", "concise"}
+    assert all(r["judge_wins"] + r["judge_losses"] + r["judge_ties"] == 4 for r in results["rows"])
+    assert results["judge"]["judged"] > 0 and results["judge"]["too_long"] <= results["judge"]["judged"]
     assert (run_dir / "results.png").stat().st_size > 10_000
     assert len((run_dir / "results.csv").read_text().splitlines()) == 1 + len(results["rows"])
 
@@ -61,3 +64,21 @@ def test_persona_schedule_switches_every_k_steps():
     user = UserSpec(id="u", personas=["concise", "detailed", "no_lists"])
     assert [persona_at(user, s, 2) for s in range(7)] == ["concise"] * 2 + ["detailed"] * 2 + ["no_lists"] * 3
     assert persona_at(UserSpec(id="v", personas=["formal"]), 99, None) == "formal"
+
+
+def test_measure_uses_rules_where_checkable_and_the_llm_judge_everywhere():
+    from rayuid.personal_eval import measure
+
+    calls = []
+
+    def judge(description, xs, ys):
+        calls.append(description)
+        return ["x", "x", "y", "tie"]
+
+    replies, base = ["short one", "tiny", "a b c d e f", "x"], ["a b c d e f g h", "a b c d e f g h", "ok", "x"]
+    m = measure("concise", {"max_words": 3}, replies, base, judge)
+    assert (m["adherence"], m["wins"], m["losses"], m["ties"]) == (0.75, 2, 1, 1)
+    assert m["judge_win_rate"] == pytest.approx(2 / 3) and "short answers" in calls[0]
+    llm_only = measure("concise_casual_beginner", {}, replies, base, judge)
+    assert "adherence" not in llm_only and llm_only["win_rate"] == pytest.approx(2 / 3)
+    assert "win_rate" not in measure("concise_casual_beginner", {}, replies, base)  # no rule, no judge: no verdict

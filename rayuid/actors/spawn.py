@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayuid.actors.adapter_learner import AdapterLearnerWorker
 from rayuid.actors.inference import RolloutWorker, SharedEngineWorker, TeacherWorker, start_engine
+from rayuid.actors.judge import JudgeWorker
 from rayuid.actors.learner import LearnerWorker
 from rayuid.actors.user import UserSimulatorWorker
 from rayuid.actors.weight_sync import WeightSyncActor
@@ -95,6 +96,8 @@ def plan_bundles(cfg: TrainConfig, needs_user_engine: bool) -> list[tuple[str, d
     plan += [(name, _bundle(r.engine)) for name in dict.fromkeys(rollout + teacher)]
     if needs_user_engine or _bundle(r.user):
         plan.append(("user", _bundle(r.user) or _bundle(r.engine)))
+    if cfg.online is not None and cfg.online.judge is not None:
+        plan.append(("judge", _bundle(r.judge)))
     empty = [name for name, b in plan if not b]
     if empty:
         raise ClusterError(f"actors {empty} were given no CPU or GPU; give every role num_cpus > 0 or num_gpus > 0")
@@ -111,9 +114,10 @@ class System:
     user: object | None
     pg: object
     bundle_of: dict = field(default_factory=dict)
+    judge: object | None = None
 
     def shutdown(self) -> None:
-        for handle in [*self.learners, *self.engines.values(), self.sync, self.user]:
+        for handle in [*self.learners, *self.engines.values(), self.sync, self.user, self.judge]:
             if handle is not None:
                 ray.kill(handle, no_restart=True)
         remove_placement_group(self.pg)
@@ -196,6 +200,16 @@ def _start_user(cfg: TrainConfig, pg, bundle_of: dict):
     return ray.remote(UserSimulatorWorker).options(**opts).remote(user.kind, user.persona, params, factory)
 
 
+def _start_judge(cfg: TrainConfig, pg, bundle_of: dict):
+    judge = cfg.online.judge
+    settings = cfg.ray.vllm.model_dump(mode="json")
+    settings["max_model_len"] = judge.max_model_len or settings["max_model_len"]
+    opts = _options(pg, *bundle_of["judge"], max_restarts=cfg.ray.max_restarts, max_task_retries=0,
+                    name=f"{run_tag(cfg)}-judge")
+    return ray.remote(JudgeWorker).options(**opts).remote(judge.model or cfg.model.name, settings, judge.max_tokens,
+                                                           cfg.seed, cfg.ray.judge.num_threads())
+
+
 def _wait_ready(engines: dict, timeout_s: float) -> None:
     for name, handle in engines.items():
         try:
@@ -214,6 +228,7 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
     learners = (start_adapter_learners if per_user else start_learners)(cfg, pg, bundle_of, total_steps)
     engines, rollout, teacher = _start_engines(cfg, pg, bundle_of)
     user = _start_user(cfg, pg, bundle_of) if cfg.online is not None else None
-    _wait_ready(engines, cfg.ray.call_timeout_s)
+    judge = _start_judge(cfg, pg, bundle_of) if "judge" in bundle_of else None
+    _wait_ready({**engines, **({"judge": judge} if judge is not None else {})}, cfg.ray.call_timeout_s)
     sync = ray.remote(WeightSyncActor).options(num_cpus=0).remote(learners, engines, cfg.ray.sync_timeout_s)
-    return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of)
+    return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of, judge)
