@@ -191,6 +191,10 @@ class UserSpec(_Strict):
         from rayuid.users import make_persona
 
         for persona in self.personas:
+            if persona.startswith("prefeval:"):  # read when the run starts (the data may live on the cluster only)
+                if "/" not in persona or self.persona_params(persona):
+                    raise ValueError(f"user {self.id}: write PrefEval personas as prefeval:<topic>/<i>, no params")
+                continue
             make_persona(persona, **self.persona_params(persona))  # unknown persona or parameter: says which exist
         return self
 

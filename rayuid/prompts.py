@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
+from rayuid import prefeval
 from rayuid.data.extract import extract_interactions
 from rayuid.data.readers import iter_records
 
@@ -61,6 +62,9 @@ def load_prompts(sources: list[str], system_prompt: str | None = None, field: st
     for source in sources:
         if source == SHIPPED:
             prompts += shipped_prompts()
+            continue
+        if source.startswith(prefeval.PREFIX):
+            prompts += [Prompt(pid, [{"role": "user", "content": q}]) for pid, q in prefeval.questions(source)]
             continue
         found = text_prompts(source, field, max_chars)
         if not found:

@@ -281,6 +281,9 @@ _SPECS.update({f"{l}_{t}_{v}": (f"{_LENGTH[l]} {_TONE[t]} {_LEVEL[v]}", None, {}
 def make_persona(name: str, **params: float) -> Persona:
     """A persona by name with its parameters (e.g. concise max_words). The rule is a partial of module-level
     functions, so a Persona pickles and can travel to a Ray worker. Errors list what is known/accepted."""
+    if name.startswith("prefeval:") and not params:  # a PrefEval stated preference (LLM users and judges only)
+        from rayuid.prefeval import profile
+        return Persona(name, profile(name))
     if name not in _SPECS:
         raise ValueError(f"unknown persona {name!r}; known personas: {', '.join(sorted(_SPECS))}")
     template, fn, defaults = _SPECS[name]
