@@ -12,6 +12,8 @@ from pathlib import Path
 
 from rayuid import judges, phases
 from rayuid.plots import plt
+from rayuid.prompts import with_system_prompt
+from rayuid.users import make_persona
 
 
 def greedy_replies(system, tokenizer, prompts: list, options, max_tokens: int, timeout_s: float,
@@ -35,8 +37,10 @@ def eval_point(persona: str, params: dict, interactions: int, version: int, base
     return point
 
 
-def write_curve(run_dir: Path, points: list[dict], samples: dict) -> Path:
-    (run_dir / "eval.json").write_text(json.dumps({"points": points, "samples": samples}, indent=2))
+def write_curve(run_dir: Path, points: list[dict], samples: dict, oracle: dict | None = None) -> Path:
+    """``eval.json`` and ``eval_curve.png`` (the in-context oracle, when measured, as a dashed line)."""
+    (run_dir / "eval.json").write_text(json.dumps({"points": points, "samples": samples, "oracle": oracle},
+                                                  indent=2))
     xs = [p["interactions"] for p in points]
     panels = [("mean_words", "mean reply words")]
     if "adherence" in points[0]:
@@ -44,7 +48,11 @@ def write_curve(run_dir: Path, points: list[dict], samples: dict) -> Path:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         ys = [p[key]["rate"] if isinstance(p[key], dict) else p[key] for p in points]
-        ax.plot(xs, ys, marker="o")
+        ax.plot(xs, ys, marker="o", label="policy")
+        if oracle is not None and key in oracle:
+            value = oracle[key]["rate"] if isinstance(oracle[key], dict) else oracle[key]
+            ax.axhline(value, color="grey", linestyle="--", label="in-context oracle")
+            ax.legend(fontsize=7)
         ax.set_xlabel("training interactions")
         ax.set_title(f"held-out {title}")
     fig.tight_layout()
@@ -54,15 +62,18 @@ def write_curve(run_dir: Path, points: list[dict], samples: dict) -> Path:
     return out
 
 
-def table(points: list[dict], samples: dict) -> str:
-    """A before/after table and a couple of sample replies, for the terminal."""
-    first, last = points[0], points[-1]
-    rows = [f"{'held-out (' + str(len(samples.get('prompts', []))) + ' prompts)':<28}{'before':>10}{'after':>10}"]
-    rows.append(f"{'mean reply words':<28}{first['mean_words']:>10.1f}{last['mean_words']:>10.1f}")
+def table(points: list[dict], samples: dict, oracle: dict | None = None) -> str:
+    """A before/after table (and the in-context oracle) and a couple of sample replies, for the terminal."""
+    first, last, o = points[0], points[-1], oracle or {}
+    rows = [f"{'held-out (' + str(len(samples.get('prompts', []))) + ' prompts)':<28}{'before':>10}{'after':>10}"
+            f"{'oracle':>10}"]
+    rows.append(f"{'mean reply words':<28}{first['mean_words']:>10.1f}{last['mean_words']:>10.1f}"
+                f"{o.get('mean_words', float('nan')):>10.1f}")
     if "adherence" in last:
-        rows.append(f"{'adherence':<28}{first['adherence']:>10.2f}{last['adherence']:>10.2f}")
-        wr = last["win_rate_vs_base"]
-        rows.append(f"{'win rate vs base':<28}{'0.50':>10}{wr['rate']:>10.2f}  (±{wr['se']:.2f}; "
+        rows.append(f"{'adherence':<28}{first['adherence']:>10.2f}{last['adherence']:>10.2f}"
+                    f"{o.get('adherence', float('nan')):>10.2f}")
+        wr, owr = last["win_rate_vs_base"], o.get("win_rate_vs_base", {}).get("rate", float("nan"))
+        rows.append(f"{'win rate vs base':<28}{'0.50':>10}{wr['rate']:>10.2f}{owr:>10.2f}  (after: ±{wr['se']:.2f}; "
                     f"{wr['wins']}W/{wr['losses']}L/{wr['ties']}T)")
     for prompt, old, new in list(zip(samples["prompts"], samples["before"], samples["after"]))[:2]:
         rows += ["", f"prompt: {prompt}", f"  before: {old[:300]}", f"  after:  {new[:300]}"]
@@ -70,20 +81,29 @@ def table(points: list[dict], samples: dict) -> str:
 
 
 class HeldoutEval:
-    """Evaluation state of one run: the base model's replies (the first call) and the curve so far."""
+    """Evaluation state of one run: the base model's replies (the first call), the in-context oracle (the base model
+    with the persona as system prompt; only when the run starts from the base) and the curve so far."""
 
     def __init__(self, cfg, prompts: list, options):
         self.cfg, self.prompts, self.options = cfg, prompts, options
         self.base: list[str] | None = None
+        self.oracle: dict | None = None
         self.points: list[dict] = []
         self.last: list[str] = []
 
+    def _greedy(self, system, tokenizer, prompts: list) -> list[str]:
+        return greedy_replies(system, tokenizer, prompts, self.options, self.cfg.online.sampling.max_tokens,
+                              self.cfg.ray.call_timeout_s, self.cfg.ray.max_restarts)
+
     def __call__(self, system, tokenizer, interactions: int, version: int) -> dict:
         o = self.cfg.online
-        replies = greedy_replies(system, tokenizer, self.prompts, self.options, o.sampling.max_tokens,
-                                 self.cfg.ray.call_timeout_s, self.cfg.ray.max_restarts)
+        replies = self._greedy(system, tokenizer, self.prompts)
         if self.base is None:
             self.base = replies
+            if interactions == 0:
+                profile = make_persona(o.user.persona, **o.user.params).description
+                oracle = self._greedy(system, tokenizer, [with_system_prompt(p, profile) for p in self.prompts])
+                self.oracle = eval_point(o.user.persona, dict(o.user.params), 0, 0, self.base, oracle)
         self.last = replies
         point = eval_point(o.user.persona, dict(o.user.params), interactions, version, self.base, replies)
         self.points.append(point)
@@ -92,5 +112,5 @@ class HeldoutEval:
     def finish(self, run_dir: Path) -> str:
         samples = {"prompts": [p.messages[-1]["content"] for p in self.prompts], "before": self.base,
                    "after": self.last}
-        write_curve(run_dir, self.points, samples)
-        return table(self.points, samples)
+        write_curve(run_dir, self.points, samples, self.oracle)
+        return table(self.points, samples, self.oracle)

@@ -22,7 +22,7 @@ import ray
 from rayuid import judges, phases
 from rayuid.config import TrainConfig, UserSpec
 from rayuid.plots import plt
-from rayuid.prompts import Prompt
+from rayuid.prompts import Prompt, with_system_prompt
 from rayuid.users import make_persona
 
 
@@ -31,13 +31,6 @@ def persona_at(user: UserSpec, step: int, switch_every: int | None) -> str:
     if len(user.personas) == 1:
         return user.personas[0]
     return user.personas[min(step // switch_every, len(user.personas) - 1)]
-
-
-def with_system_prompt(prompt: Prompt, system: str) -> Prompt:
-    """The in-context oracle's view of a prompt: the persona's profile as (or ahead of) the system prompt."""
-    rest = [m for m in prompt.messages if m["role"] != "system"]
-    old = [m["content"] for m in prompt.messages if m["role"] == "system"]
-    return Prompt(prompt.id, [{"role": "system", "content": "\n\n".join([*old, system])}] + rest)
 
 
 JudgeFn = Callable[[str, list[str], list[str]], list[str]]

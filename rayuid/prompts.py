@@ -80,6 +80,13 @@ def load_prompts(sources: list[str], system_prompt: str | None = None, field: st
     return prompts
 
 
+def with_system_prompt(prompt: Prompt, system: str) -> Prompt:
+    """The in-context oracle's view of a prompt: the persona's profile as (or after) the system prompt."""
+    rest = [m for m in prompt.messages if m["role"] != "system"]
+    old = [m["content"] for m in prompt.messages if m["role"] == "system"]
+    return Prompt(prompt.id, [{"role": "system", "content": "\n\n".join([*old, system])}] + rest)
+
+
 def split_heldout(prompts: list[Prompt], heldout: int) -> tuple[list[Prompt], list[Prompt]]:
     """The last ``heldout`` prompts are kept for evaluation and never trained on."""
     if heldout >= len(prompts):

@@ -33,3 +33,22 @@ def test_table_and_curve(tmp_path):
     assert "adherence" in text and "1.00" in text and "prompt: p1" in text
     assert write_curve(tmp_path, points, samples).stat().st_size > 1000
     assert (tmp_path / "eval.json").exists()
+
+
+def test_the_in_context_oracle_is_a_table_column_and_a_dashed_line(tmp_path):
+    import json
+
+    from rayuid.prompts import Prompt, with_system_prompt
+
+    base = ["word " * 60, "word " * 70]
+    points = [eval_point("concise", {}, 0, 0, base, base), eval_point("concise", {}, 16, 2, base, ["ok", "word " * 80])]
+    oracle = eval_point("concise", {}, 0, 0, base, ["short", "also short"])
+    samples = {"prompts": ["p1", "p2"], "before": base, "after": ["ok", "word " * 80]}
+    header, words, adherence, win = table(points, samples, oracle).splitlines()[:4]
+    assert header.split()[-1] == "oracle" and adherence.split()[1:] == ["0.00", "0.50", "1.00"]
+    assert win.split()[4:7] == ["0.50", "0.50", "1.00"]                  # policy 1W/1L; oracle wins both
+    write_curve(tmp_path, points, samples, oracle)
+    assert json.loads((tmp_path / "eval.json").read_text())["oracle"]["adherence"] == 1.0
+    prompt = Prompt("p", [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}])
+    assert with_system_prompt(prompt, "I want short answers.").messages == [
+        {"role": "system", "content": "Be nice.\n\nI want short answers."}, {"role": "user", "content": "Hi"}]

@@ -82,3 +82,36 @@ def test_measure_uses_rules_where_checkable_and_the_llm_judge_everywhere():
     llm_only = measure("concise_casual_beginner", {}, replies, base, judge)
     assert "adherence" not in llm_only and llm_only["win_rate"] == pytest.approx(2 / 3)
     assert "win_rate" not in measure("concise_casual_beginner", {}, replies, base)  # no rule, no judge: no verdict
+
+
+def _eval(users: list[dict], switch_every=None):
+    from rayuid.config import TrainConfig
+    from rayuid.personal_eval import PersonalEval
+
+    cfg = TrainConfig.model_validate({
+        "model": {"name": "x", "lora": {"r": 8}}, "template": {"max_prompt_tokens": 64, "max_response_tokens": 256},
+        "ray": {"teacher_in": "learner", "vllm": {"max_lora_rank": 8}},
+        "online": {"users": users, "switch_every": switch_every, "prompts_per_step": 4}})
+    return PersonalEval(cfg, [], None)
+
+
+def test_retention_reads_each_preference_at_its_phase_end_and_at_the_end():
+    ev = _eval([{"id": "u", "personas": ["concise", "no_lists"]}], switch_every=2)
+    adherence = {("concise", 0): 0.0, ("concise", 2): 0.9, ("concise", 4): 0.7,
+                 ("no_lists", 0): 0.2, ("no_lists", 2): 0.3, ("no_lists", 4): 1.0}
+    ev.rows = [{"user": "u", "persona": p, "step": s, "adherence": a} for (p, s), a in adherence.items()]
+    assert ev.retention() == [
+        {"user": "u", "persona": "concise", "phase_end_step": 2, "adherence_at_phase_end": 0.9, "adherence_at_end": 0.7},
+        {"user": "u", "persona": "no_lists", "phase_end_step": 4, "adherence_at_phase_end": 1.0,
+         "adherence_at_end": 1.0}]
+
+
+def test_cross_check_scores_every_adapter_by_each_users_persona():
+    ev = _eval([{"id": "a", "personas": ["concise"], "params": {"concise": {"max_words": 3}}},
+                {"id": "b", "personas": ["detailed"], "params": {"detailed": {"min_words": 5}}}])
+    ev.base = ["one two three four", "one two three four"]
+    ev.replies = {"a": ["short", "tiny"], "b": ["w " * 8, "w " * 9]}
+    cross = {(c["judge_user"], c["adapter"]): c for c in ev.cross()}
+    assert cross[("a", "a")]["adherence"] == 1.0 and cross[("a", "b")]["adherence"] == 0.0
+    assert cross[("b", "b")]["adherence"] == 1.0 and cross[("b", "a")]["adherence"] == 0.0
+    assert cross[("a", "b")]["own_adapter_win_rate"] == 1.0 and cross[("a", "a")]["own_adapter_win_rate"] == 0.5
