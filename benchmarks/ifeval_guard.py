@@ -1,7 +1,9 @@
 """Capability guard: IFEval prompt-level strict/loose accuracy of a model before and after adaptation, offline.
 
     python benchmarks/ifeval_guard.py --models HuggingFaceTB/SmolLM2-135M-Instruct runs/X/checkpoints/step-N/hf \
-        [--limit 20 --seed 0 --max-tokens 256] [--out runs/bench/ifeval.json]
+        runs/Y/adapters/<user>/v000016 [--limit 20 --seed 0 --max-tokens 256] [--out runs/bench/ifeval.json]
+
+A PEFT adapter folder (a per-user adapter, or a LoRA run's checkpoint) is merged into its base model first.
 
 Greedy replies from a vLLM engine per model; the fixed seeded subsample of ../shared/data/external/ifeval is
 scored with the official IFEval checkers (``rayuid.ifeval``).
@@ -18,13 +20,29 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "external" / "ifeval" / "input_data.jsonl"
 
 
+def merged(adapter: Path) -> str:
+    """A full HF folder: the adapter merged into the base model named in its adapter_config.json."""
+    import tempfile
+
+    from peft import PeftModel
+
+    from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
+
+    base = resolve_model(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    out = Path(tempfile.mkdtemp(prefix="rayuid-merged-"))
+    PeftModel.from_pretrained(load_causal_lm(base), str(adapter)).merge_and_unload().save_pretrained(out)
+    load_tokenizer(base).save_pretrained(out)
+    return str(out)
+
+
 def evaluate(model: str, path: Path, limit: int, seed: int, max_tokens: int) -> dict:
     from rayuid.config import EngineSettings
     from rayuid.engine import VllmEngine
     from rayuid.ifeval import run_ifeval
     from rayuid.models import resolve_model
 
-    engine = VllmEngine(resolve_model(model), EngineSettings(dtype="bfloat16", max_model_len=2048))
+    folder = merged(Path(model)) if (Path(model) / "adapter_config.json").exists() else resolve_model(model)
+    engine = VllmEngine(folder, EngineSettings(dtype="bfloat16", max_model_len=2048))
     result = run_ifeval(lambda convs: engine.chat(convs, max_tokens, 0.0), str(path), limit, seed)
     return {k: v for k, v in result.items() if k != "per_prompt"}
 
