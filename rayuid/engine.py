@@ -179,7 +179,8 @@ class VllmEngine:
         if blob.kind != "lora":
             raise ValueError(f"user {user!r}: per-user weights must be a LoRA adapter, got kind {blob.kind!r}")
         verify(blob)
-        folder = write_adapter(blob, self._adapter_root / user / f"v{blob.version}")
+        folder = write_adapter(blob, self._adapter_root / user / f"v{blob.version}-{self._next_lora_id}")  # a reload
+        # of the same version gets its own folder: the old one is deleted below
         old = self.user_loras.get(user)
         self.user_loras[user] = LoRARequest(f"{user}-v{blob.version}", self._next_lora_id, str(folder))
         self._next_lora_id += 1
@@ -195,7 +196,7 @@ class VllmEngine:
             from vllm.lora.request import LoRARequest
 
             verify(blob)
-            folder = write_adapter(blob, self._adapter_root / f"v{blob.version}")
+            folder = write_adapter(blob, self._adapter_root / f"v{blob.version}-{self._next_lora_id}")
             old, self.lora_request = self.lora_request, LoRARequest(f"policy-v{blob.version}", self._next_lora_id,
                                                                     str(folder))
             self._next_lora_id += 1

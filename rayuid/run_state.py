@@ -53,10 +53,12 @@ class RunSource:
         """Every online interaction with its versions, to ``samples.jsonl``."""
         with (self.run_dir / "samples.jsonl").open("a") as fh:
             for s, v in zip(samples, versions):
-                fh.write(json.dumps({"step": step, "id": s.id, "prompt_id": s.prompt.id,
-                                     "prompt": s.prompt.messages[-1]["content"], "response": s.generation.text,
-                                     "followup": s.followup, "gen_version": s.generation.version,
-                                     "score_version": v}, ensure_ascii=False) + "\n")
+                record = {"step": step, "id": s.id, "prompt_id": s.prompt.id,
+                          "prompt": s.prompt.messages[-1]["content"], "response": s.generation.text,
+                          "followup": s.followup, "gen_version": s.generation.version, "score_version": v}
+                if s.user is not None:
+                    record["user"] = s.user
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def build_source(cfg: TrainConfig, tokenizer) -> RunSource:

@@ -112,6 +112,9 @@ def test_each_user_is_served_their_own_newest_adapter(engine, tiny_model_dir, ti
     assert bob_after[0][0].version == 1 and engine.user_versions["alice"][0] == 2
     with pytest.raises(UnknownUserError, match="unknown_user=base"):
         engine.score(prompts[:1], responses[:1], users=["zed"], unknown_user="error")
+    for _ in range(2):  # reloading the same version (a restarted engine being re-synced) keeps it servable
+        engine.load_adapter("bob", learner.export("bob"))
+    assert engine.score(prompts[1:2], responses[1:2], users=["bob"]) == served[1:2]
 
 
 def test_chat_returns_text(engine):

@@ -34,6 +34,7 @@ def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, ti
     assert store.users() == ["ann", "ben", "cat"] and all(store.versions(u)[-1] == 2 for u in store.users())
     samples = [json.loads(ln) for ln in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len({s["id"] for s in samples}) == len(samples) == 12
+    assert sorted(s["user"] for s in samples) == ["ann"] * 4 + ["ben"] * 4 + ["cat"] * 4
 
     resumed = run(_cfg(run_dir, tiny_model_dir, "online.steps=3", *judged))              # resume at step 2 with 3 users
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -56,6 +57,18 @@ def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, ti
     # each user's newest adapter is a PEFT folder holding a trained (LoRA B ≠ 0) adapter
     model = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir), str(store.latest("ann")))
     assert max(p.abs().max().item() for n, p in model.named_parameters() if "lora_B" in n) > 0
+
+
+def test_a_killed_engine_comes_back_serving_every_users_newest_adapter(local_ray, tmp_path, tiny_model_dir):
+    from test_ray_system import _run_and_sigkill
+
+    from rayuid.personalize import run
+
+    cfg = _cfg(tmp_path / "run", tiny_model_dir, "online.steps=3", "online.eval_every=2")
+    summary, killed_pid = _run_and_sigkill(cfg, "engine0", after_steps=1, run=run)
+    assert killed_pid and summary["steps_done"] == 3 and summary["interactions_trained_twice"] == 0
+    samples = [json.loads(ln) for ln in (Path(cfg.run_dir) / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 18 and all(s["gen_version"] == s["step"] - 1 for s in samples)  # adapters reloaded
 
 
 def test_persona_schedule_switches_every_k_steps():

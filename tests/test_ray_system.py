@@ -26,12 +26,15 @@ def _samples(run_dir) -> list[dict]:
     return [json.loads(ln) for ln in (Path(run_dir) / "samples.jsonl").read_text().splitlines()]
 
 
-def _run_and_sigkill(cfg, actor: str, after_steps: int) -> tuple[dict, int | None]:
-    """Run ``cfg``; once ``after_steps`` steps are logged, SIGKILL the process of the actor named ``{tag}-{actor}*``."""
+def _run_and_sigkill(cfg, actor: str, after_steps: int, run=None) -> tuple[dict, int | None]:
+    """Run ``cfg`` (with ``run``, default the driver's); once ``after_steps`` steps are logged, SIGKILL the process of
+    the actor named ``{tag}-{actor}*``."""
     import ray
 
     from rayuid.actors.spawn import run_tag
-    from rayuid.driver import run
+
+    if run is None:
+        from rayuid.driver import run
 
     killed = {}
 

@@ -56,10 +56,18 @@ class WeightSyncActor:
                 "seconds": time.perf_counter() - t0}
 
     def _load_adapter(self, user: str, names: list[str]) -> None:
+        """``user``'s current adapter into engines ``names``; an engine that dies meanwhile gets every user's adapter
+        once Ray has restarted it."""
         ref, checksum, _, version = self.adapters[user]
         refs = {n: self.engines[n].load_adapter.remote(user, ref) for n in names}
-        loaded = self._wait(refs, version)
-        check_loaded(version, checksum, loaded)
+        ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)
+        if pending:
+            raise timeout_error(version, [n for n, r in refs.items() if r in pending], self.timeout_s)
+        for name, r in refs.items():
+            try:
+                check_loaded(version, checksum, {name: ray.get(r)})
+            except DIED:
+                self.sync_engine(name)
 
     def sync_engine(self, name: str) -> int:
         """Load the current version (and every user's adapter) into one (e.g. restarted) engine; returns the
