@@ -4,7 +4,8 @@
 
 Each variant is the README's main job (``jobs/online_smollm2_concise.yaml``) with a few overrides, run to the end
 (a finished variant is not rerun); the held-out curves (adherence, win rate vs base, mean words) of all variants are
-drawn on one figure, ``OUT/ablation.png``, and tabulated in ``OUT/ablation.json``.
+drawn on one figure, ``OUT/ablation.png``, and tabulated in ``OUT/ablation.json`` with the share of final replies
+that open with an apology (the hindsight teacher's favourite shortcut; a quality guard).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ VARIANTS: dict[str, list[str]] = {
     "lora_live_1e-4": [*LORA, *LEARNER, "optim.lr=1e-4"],
     "lora_live_2e-4": [*LORA, *LEARNER, "optim.lr=2e-4"],
     "lora_ema_2e-4": [*LORA, *LEARNER, "optim.lr=2e-4", "teacher.weights=ema"],
+    "lora_live_1e-4_skip4": [*LORA, *LEARNER, "optim.lr=1e-4", "loss.ignore_first_k=4"],
 }
 
 
@@ -36,9 +38,12 @@ def run_variant(name: str, overrides: list[str], out: Path) -> dict:
     if not (run_dir / "eval.json").exists():
         cmd = [sys.executable, "-m", "rayuid.cli", "train", str(JOB), f"run_dir={run_dir}", *overrides]
         subprocess.run(cmd, check=True, cwd=ROOT)
-    points = json.loads((run_dir / "eval.json").read_text())["points"]
-    return {"overrides": overrides, "points": points,
-            "samples": json.loads((run_dir / "eval.json").read_text())["samples"]["after"][:3]}
+    from rayuid.judges import apologizes
+
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    after = evaluation["samples"]["after"]
+    return {"overrides": overrides, "points": evaluation["points"], "samples": after[:3],
+            "final_apology_rate": sum(map(apologizes, after)) / len(after)}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -70,12 +75,11 @@ def main() -> None:
     results = {name: run_variant(name, VARIANTS[name], out.absolute()) for name in args.variants}
     (out / "ablation.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "ablation.png")
-    print(f"{'variant':<26}{'adherence':>10}{'win rate':>10}{'words':>8}   (last point; best point adherence)")
+    print(f"{'variant':<26}{'adherence':>10}{'win rate':>10}{'words':>8}{'apology':>9}   (last point)")
     for name, res in results.items():
         last = res["points"][-1]
-        best = max(p.get("adherence", 0) for p in res["points"])
         print(f"{name:<26}{last['adherence']:>10.2f}{last['win_rate_vs_base']['rate']:>10.2f}"
-              f"{last['mean_words']:>8.1f}   best {best:.2f}")
+              f"{last['mean_words']:>8.1f}{res['final_apology_rate']:>9.2f}")
     print(f"figure: {out / 'ablation.png'}")
 
 

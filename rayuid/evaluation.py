@@ -29,7 +29,8 @@ def eval_point(persona: str, params: dict, interactions: int, version: int, base
     """Measures of ``replies`` against the base model's replies to the same held-out prompts."""
     checkable = judges.verify(persona, "probe", **params) is not None
     point = {"interactions": interactions, "version": version,
-             "mean_words": sum(len(r.split()) for r in replies) / max(len(replies), 1)}
+             "mean_words": sum(len(r.split()) for r in replies) / max(len(replies), 1),
+             "apology_rate": sum(map(judges.apologizes, replies)) / max(len(replies), 1)}
     if checkable:
         outcomes = [judges.programmatic_preference(persona, new, old, **params) for new, old in zip(replies, base)]
         point["adherence"] = judges.adherence(persona, replies, **params)
@@ -69,6 +70,8 @@ def table(points: list[dict], samples: dict, oracle: dict | None = None) -> str:
             f"{'oracle':>10}"]
     rows.append(f"{'mean reply words':<28}{first['mean_words']:>10.1f}{last['mean_words']:>10.1f}"
                 f"{o.get('mean_words', float('nan')):>10.1f}")
+    rows.append(f"{'opens with an apology':<28}{first['apology_rate']:>10.2f}{last['apology_rate']:>10.2f}"
+                f"{o.get('apology_rate', float('nan')):>10.2f}")
     if "adherence" in last:
         rows.append(f"{'adherence':<28}{first['adherence']:>10.2f}{last['adherence']:>10.2f}"
                     f"{o.get('adherence', float('nan')):>10.2f}")

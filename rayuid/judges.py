@@ -110,6 +110,15 @@ def verify(persona_name: str, reply: str, **params: float) -> bool | None:
     return None if check is None else check(reply)
 
 
+_APOLOGY = re.compile(r"\b(i'?m sorry|i am sorry|sorry for|i apologi[sz]e|my apologies|apologies for)\b", re.IGNORECASE)
+
+
+def apologizes(reply: str) -> bool:
+    """An apology in the first 80 characters: the hindsight teacher, shown "too long!", likes to open with one, and
+    a policy that learns the opener instead of the style answers worse (a quality guard, not a preference)."""
+    return bool(_APOLOGY.search(reply[:80]))
+
+
 def adherence(persona: str, replies: Sequence[str], **params: float) -> float:
     """Fraction of replies that pass `verify`, ignoring None verdicts; NaN when nothing was checkable."""
     check = _resolve(persona, params)

@@ -40,7 +40,8 @@ JudgeFn = Callable[[str, list[str], list[str]], list[str]]
 def measure(persona: str, params: dict, replies: list[str], base: list[str], judge: JudgeFn | None = None) -> dict:
     """Mean length; for checkable personas adherence and programmatic win rate vs base; with an LLM judge its win
     rate too (``judge_*``), which is also *the* win rate of personas no rule can check."""
-    out = {"mean_words": sum(len(r.split()) for r in replies) / max(len(replies), 1)}
+    out = {"mean_words": sum(len(r.split()) for r in replies) / max(len(replies), 1),
+           "apology_rate": sum(map(judges.apologizes, replies)) / max(len(replies), 1)}
     if judges.verify(persona, "probe", **params) is not None:
         out["adherence"] = judges.adherence(persona, replies, **params)
         wr = judges.win_rate([judges.programmatic_preference(persona, a, b, **params) for a, b in zip(replies, base)])

@@ -44,7 +44,7 @@ def test_the_in_context_oracle_is_a_table_column_and_a_dashed_line(tmp_path):
     points = [eval_point("concise", {}, 0, 0, base, base), eval_point("concise", {}, 16, 2, base, ["ok", "word " * 80])]
     oracle = eval_point("concise", {}, 0, 0, base, ["short", "also short"])
     samples = {"prompts": ["p1", "p2"], "before": base, "after": ["ok", "word " * 80]}
-    header, words, adherence, win = table(points, samples, oracle).splitlines()[:4]
+    header, words, apology, adherence, win = table(points, samples, oracle).splitlines()[:5]
     assert header.split()[-1] == "oracle" and adherence.split()[1:] == ["0.00", "0.50", "1.00"]
     assert win.split()[4:7] == ["0.50", "0.50", "1.00"]                  # policy 1W/1L; oracle wins both
     write_curve(tmp_path, points, samples, oracle)
@@ -52,3 +52,13 @@ def test_the_in_context_oracle_is_a_table_column_and_a_dashed_line(tmp_path):
     prompt = Prompt("p", [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi"}])
     assert with_system_prompt(prompt, "I want short answers.").messages == [
         {"role": "system", "content": "Be nice.\n\nI want short answers."}, {"role": "user", "content": "Hi"}]
+
+
+def test_apologies_are_counted_as_a_quality_guard():
+    from rayuid.judges import apologizes
+
+    yes = ["I'm sorry for the misunderstanding.", "Sure. I apologize, here it is", "My apologies! HTTP is..."]
+    no = ["HTTP is plain, HTTPS is encrypted.", "Nobody is sorry here" + " x" * 80 + " I'm sorry"]
+    assert [apologizes(r) for r in yes + no] == [True] * 3 + [False] * 2
+    point = eval_point("concise", {}, 0, 0, ["a", "b"], ["I'm sorry, no.", "Fine."])
+    assert point["apology_rate"] == 0.5
