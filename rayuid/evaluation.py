@@ -24,17 +24,25 @@ def greedy_replies(system, tokenizer, prompts: list, options, max_tokens: int, t
     return [s.generation.text for s in samples]
 
 
+def style_measures(persona: str, params: dict, replies: list[str], base: list[str]) -> tuple[dict, object]:
+    """Mean length and apology rate; for a rule-checkable persona also adherence and the programmatic win rate of
+    ``replies`` vs ``base`` (same prompts), else None for the win rate."""
+    n = max(len(replies), 1)
+    out = {"mean_words": sum(len(r.split()) for r in replies) / n,
+           "apology_rate": sum(map(judges.apologizes, replies)) / n}
+    if judges.verify(persona, "probe", **params) is None:
+        return out, None
+    out["adherence"] = judges.adherence(persona, replies, **params)
+    return out, judges.win_rate([judges.programmatic_preference(persona, a, b, **params) for a, b in zip(replies, base)])
+
+
 def eval_point(persona: str, params: dict, interactions: int, version: int, base: list[str],
                replies: list[str]) -> dict:
     """Measures of ``replies`` against the base model's replies to the same held-out prompts."""
-    checkable = judges.verify(persona, "probe", **params) is not None
-    point = {"interactions": interactions, "version": version,
-             "mean_words": sum(len(r.split()) for r in replies) / max(len(replies), 1),
-             "apology_rate": sum(map(judges.apologizes, replies)) / max(len(replies), 1)}
-    if checkable:
-        outcomes = [judges.programmatic_preference(persona, new, old, **params) for new, old in zip(replies, base)]
-        point["adherence"] = judges.adherence(persona, replies, **params)
-        point["win_rate_vs_base"] = judges.win_rate(outcomes).to_json()
+    measures, wr = style_measures(persona, params, replies, base)
+    point = {"interactions": interactions, "version": version, **measures}
+    if wr is not None:
+        point["win_rate_vs_base"] = wr.to_json()
     return point
 
 

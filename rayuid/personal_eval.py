@@ -21,16 +21,23 @@ import ray
 
 from rayuid import judges, phases
 from rayuid.config import TrainConfig, UserSpec
+from rayuid.evaluation import style_measures
 from rayuid.plots import plt
 from rayuid.prompts import Prompt, with_system_prompt
 from rayuid.users import make_persona
 
 
+def phase_at(user: UserSpec, step: int, switch_every: int | None) -> int:
+    """Index into ``user.personas`` at ``step`` (0-based): the schedule advances every ``switch_every`` steps."""
+    return 0 if len(user.personas) == 1 else min(step // switch_every, len(user.personas) - 1)
+
+
 def persona_at(user: UserSpec, step: int, switch_every: int | None) -> str:
-    """The persona ``user`` plays at ``step`` (0-based): its schedule advances every ``switch_every`` steps."""
-    if len(user.personas) == 1:
-        return user.personas[0]
-    return user.personas[min(step // switch_every, len(user.personas) - 1)]
+    return user.personas[phase_at(user, step, switch_every)]
+
+
+def _key(persona: str, params: dict) -> str:
+    return persona + "".join(f"|{k}={v}" for k, v in sorted(params.items()))
 
 
 JudgeFn = Callable[[str, list[str], list[str]], list[str]]
@@ -40,11 +47,8 @@ JudgeFn = Callable[[str, list[str], list[str]], list[str]]
 def measure(persona: str, params: dict, replies: list[str], base: list[str], judge: JudgeFn | None = None) -> dict:
     """Mean length; for checkable personas adherence and programmatic win rate vs base; with an LLM judge its win
     rate too (``judge_*``), which is also *the* win rate of personas no rule can check."""
-    out = {"mean_words": sum(len(r.split()) for r in replies) / max(len(replies), 1),
-           "apology_rate": sum(map(judges.apologizes, replies)) / max(len(replies), 1)}
-    if judges.verify(persona, "probe", **params) is not None:
-        out["adherence"] = judges.adherence(persona, replies, **params)
-        wr = judges.win_rate([judges.programmatic_preference(persona, a, b, **params) for a, b in zip(replies, base)])
+    out, wr = style_measures(persona, params, replies, base)
+    if wr is not None:
         out.update(win_rate=wr.rate, win_rate_se=wr.se, wins=wr.wins, losses=wr.losses, ties=wr.ties)
     if judge is not None:
         wr = judges.win_rate(judge(make_persona(persona, **params).description, replies, base))
@@ -64,13 +68,13 @@ class PersonalEval:
         self.oracle: dict[str, list[str]] = {}
         self.replies: dict[str, list[str]] = {}
         self.judge: JudgeFn | None = None
-        self.phase_start: dict[str, list[str]] = {}   # "user/persona" → replies when that persona was introduced
+        self.phase_start: dict[str, list[str]] = {}   # "user/phase" → replies when that phase began
 
     def _greedy(self, system, tokenizer, prompts: list[Prompt], users: list[str | None]) -> list[str]:
         o, r = self.cfg.online, self.cfg.ray
         sampling = {"n": 1, "temperature": 0.0, "max_tokens": o.sampling.max_tokens}
         samples = phases.generate(system, tokenizer, prompts, -1, sampling, self.options, 0, r.call_timeout_s,
-                                  r.max_restarts, users=users, unknown_user="base")
+                                  r.max_restarts, users=users, unknown_user=o.unknown_user)
         return [s.generation.text for s in samples]
 
     def _connect_judge(self, system) -> None:
@@ -86,44 +90,43 @@ class PersonalEval:
         self._connect_judge(system)
         n = len(self.prompts)
         self.base = self._greedy(system, tokenizer, self.prompts, [None] * n)
-        if self.cfg.online.oracle:
-            names = sorted({p for u in self.users.values() for p in u.personas})
-            views = [with_system_prompt(p, make_persona(name, **self._params(name)).description)
-                     for name in names for p in self.prompts]
+        if self.cfg.online.oracle:  # one oracle per distinct (persona, parameters)
+            specs = {_key(p, u.persona_params(p)): (p, u.persona_params(p)) for u in self.users.values()
+                     for p in u.personas}
+            views = [with_system_prompt(p, make_persona(name, **params).description)
+                     for name, params in specs.values() for p in self.prompts]
             texts = self._greedy(system, tokenizer, views, [None] * len(views))
-            self.oracle = {name: texts[i * n: (i + 1) * n] for i, name in enumerate(names)}
-
-    def _params(self, persona: str) -> dict:
-        """Persona parameters as the (first) user playing it set them."""
-        return next((u.persona_params(persona) for u in self.users.values() if persona in u.personas), {})
+            self.oracle = {key: texts[i * n: (i + 1) * n] for i, key in enumerate(specs)}
 
     def __call__(self, system, tokenizer, step: int, versions: dict[str, int]) -> list[dict]:
         """Evaluate every user's current adapter after ``step`` steps; returns the new rows."""
         if self.base is None:
             self._baselines(system, tokenizer)
-        ids = list(self.users)
+        ids, o = list(self.users), self.cfg.online
         texts = self._greedy(system, tokenizer, self.prompts * len(ids), [u for u in ids for _ in self.prompts])
         n, rows = len(self.prompts), []
         for k, uid in enumerate(ids):
             self.replies[uid] = texts[k * n: (k + 1) * n]
             user = self.users[uid]
-            active = persona_at(user, max(step - 1, 0), self.cfg.online.switch_every)
-            upcoming = persona_at(user, step, self.cfg.online.switch_every)
-            self.phase_start.setdefault(f"{uid}/{upcoming}", self.replies[uid])
+            self.phase_start.setdefault(f"{uid}/{phase_at(user, step, o.switch_every)}", self.replies[uid])
+            active = persona_at(user, max(step - 1, 0), o.switch_every)
             for persona in dict.fromkeys(user.personas):
-                row = {"step": step, "interactions": step * self.cfg.online.prompts_per_step, "user": uid,
+                row = {"step": step, "interactions": step * o.prompts_per_step * o.sampling.n, "user": uid,
                        "persona": persona, "active": persona == active, "version": versions.get(uid, 0)}
                 params = user.persona_params(persona)
                 rows.append({**row, **measure(persona, params, self.replies[uid], self.base, self.judge),
-                             **self._vs_phase_start(uid, persona, params)})
-        self.rows += rows
+                             **self._vs_phase_start(uid, persona, params, step)})
+        self.rows = [r for r in self.rows if r["step"] != step] + rows  # a re-evaluated step replaces its rows
         return rows
 
-    def _vs_phase_start(self, uid: str, persona: str, params: dict) -> dict:
-        """Paper Fig 6: a later preference is measured against the policy of the moment it was introduced."""
-        start = self.phase_start.get(f"{uid}/{persona}")
-        if start is None or len(self.users[uid].personas) < 2 or judges.verify(persona, "probe", **params) is None:
+    def _vs_phase_start(self, uid: str, persona: str, params: dict, step: int) -> dict:
+        """Paper Fig 6: a preference is measured against the policy of the moment it was (last) introduced."""
+        user = self.users[uid]
+        now = phase_at(user, max(step - 1, 0), self.cfg.online.switch_every)
+        began = [i for i in range(now + 1) if user.personas[i] == persona and f"{uid}/{i}" in self.phase_start]
+        if not began or len(user.personas) < 2 or judges.verify(persona, "probe", **params) is None:
             return {}
+        start = self.phase_start[f"{uid}/{began[-1]}"]
         wr = judges.win_rate([judges.programmatic_preference(persona, a, b, **params)
                               for a, b in zip(self.replies[uid], start)])
         return {"win_rate_vs_phase_start": wr.rate, "win_rate_vs_phase_start_se": wr.se}
@@ -136,9 +139,9 @@ class PersonalEval:
                 params = user.persona_params(persona)
                 out.append({"user": uid, "persona": persona, "system": "base",
                             **measure(persona, params, self.base, self.base)})  # the base ties itself
-                if persona in self.oracle:
+                if _key(persona, params) in self.oracle:
                     out.append({"user": uid, "persona": persona, "system": "oracle",
-                                **measure(persona, params, self.oracle[persona], self.base, self.judge)})
+                                **measure(persona, params, self.oracle[_key(persona, params)], self.base, self.judge)})
         return out
 
     def cross(self) -> list[dict]:
@@ -155,6 +158,8 @@ class PersonalEval:
                 m = measure(persona, params, replies, self.base, self.judge)
                 if checkable:
                     own_vs = [judges.programmatic_preference(persona, a, b, **params) for a, b in zip(own, replies)]
+                elif adapter_id == judge_id:
+                    own_vs = ["tie"] * len(own)  # the own adapter against itself: no judge call needed
                 else:
                     own_vs = self.judge(make_persona(persona, **params).description, own, replies)
                 wr = judges.win_rate(own_vs)
@@ -194,7 +199,7 @@ class PersonalEval:
         write_csv(run_dir / "results.csv", self.rows)
         o = self.cfg.online
         plot(run_dir / "results.png", self.rows, results["baselines"],
-             o.switch_every * o.prompts_per_step if o.switch_every else None)
+             o.switch_every * o.prompts_per_step * o.sampling.n if o.switch_every else None, self.users)
         return results
 
 
@@ -206,7 +211,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot(path: Path, rows: list[dict], baselines: list[dict], switch_at: int | None) -> Path:
+def plot(path: Path, rows: list[dict], baselines: list[dict], switch_at: int | None, specs: dict) -> Path:
     """Per user: adherence (top) and win rate vs base (bottom) per persona; base and oracle dashed; grey lines
     where a user's persona switches (every ``switch_at`` interactions)."""
     users = list(dict.fromkeys(r["user"] for r in rows))
@@ -230,7 +235,7 @@ def plot(path: Path, rows: list[dict], baselines: list[dict], switch_at: int | N
         for ax in axes[:, col]:
             ax.set_xlabel("this user's training interactions")
             ax.set_ylim(-0.05, 1.05)
-            for i in range(1, len(personas) if switch_at else 0):
+            for i in range(1, len(specs[uid].personas) if switch_at else 0):
                 ax.axvline(i * switch_at, color="grey", linewidth=0.8)
         axes[0][col].legend(fontsize=7)
     fig.tight_layout()

@@ -61,6 +61,8 @@ def run(cfg: TrainConfig) -> dict:
         metrics = MetricsLog(run_dir / "metrics.jsonl", start)
         source.truncate_samples(start)
         loop(r, start, metrics)
+        if not r.evaluator.replies:  # e.g. a finished run started again: measure the final adapters
+            r.evaluator(r.system, r.tokenizer, source.total_steps, r.versions)
         summary = finish(cfg, metrics.records(), r.ledger, source)
         results = r.evaluator.finish(run_dir)
         summary["results"] = {k: v for k, v in results.items() if k not in ("rows", "samples", "prompts")}
@@ -82,7 +84,7 @@ def loop(r: Run, start: int, metrics: MetricsLog) -> None:
         record["seconds"] = time.perf_counter() - t0
         metrics.write(record)
         done = step + 1
-        if o.eval_every and (done % o.eval_every == 0 or done == total):
+        if (o.eval_every and done % o.eval_every == 0) or done == total:
             for row in r.evaluator(r.system, r.tokenizer, done, r.versions):
                 log.info("eval after step %d: %s", done, row)
         if (r.cfg.checkpoint.every_steps and done % r.cfg.checkpoint.every_steps == 0) or done == total:
@@ -101,14 +103,15 @@ def _step_prompts(r: Run, step: int) -> tuple[list, list[str]]:
 
 def simulate(r: Run, samples: list[phases.Sample], step: int) -> dict[str, str]:
     """Each user's follow-ups, written by the persona that user plays at ``step``."""
-    active = {}
-    for user in r.cfg.online.users:
-        mine = [s for s in samples if s.user == user.id]
+    active, mine, refs = {}, {}, []
+    for user in r.cfg.online.users:  # all users' batches are submitted before any is awaited
+        mine[user.id] = [s for s in samples if s.user == user.id]
         active[user.id] = persona_at(user, step, r.cfg.online.switch_every)
-        followups = ray.get(r.system.user.respond_as.remote(
-            active[user.id], user.persona_params(active[user.id]), [s.prompt.messages[-1]["content"] for s in mine],
-            [s.generation.text for s in mine]), timeout=r.timeout)
-        for s, followup in zip(mine, followups):
+        refs.append(r.system.user.respond_as.remote(
+            active[user.id], user.persona_params(active[user.id]),
+            [s.prompt.messages[-1]["content"] for s in mine[user.id]], [s.generation.text for s in mine[user.id]]))
+    for uid, followups in zip(mine, ray.get(refs, timeout=r.timeout)):
+        for s, followup in zip(mine[uid], followups):
             s.followup = followup
     return active
 
@@ -118,7 +121,7 @@ def user_step(r: Run, step: int) -> dict:
     prompts, users = _step_prompts(r, step)
     sampling = r.cfg.online.sampling.model_dump(mode="json")
     samples = phases.generate(r.system, r.tokenizer, prompts, step, sampling, r.source.options, r.cfg.seed,
-                              r.timeout, r.cfg.ray.max_restarts, users=users)                     # generate
+                              r.timeout, r.cfg.ray.max_restarts, users, r.cfg.online.unknown_user)  # generate
     times["generate_s"], t = time.perf_counter() - t, time.perf_counter()
     active = simulate(r, samples, step)                                                            # simulate
     phases.online_pairs(r.tokenizer, samples, r.source.options)
@@ -165,7 +168,8 @@ def save(r: Run, step: int) -> Path:
 def restore(r: Run) -> int:
     """Resume from the newest checkpoint: every user's adapter version, the ledger and the evaluation so far."""
     path = ckpt.latest_checkpoint(r.cfg.run_dir, marker=STATE) if r.cfg.checkpoint.resume else None
-    if path is None:
+    if path is None:  # every user starts at v0 (LoRA B = 0: the base model), served from the start
+        r.versions.update(ray.get(r.system.sync.publish_adapters.remote(r.owners), timeout=r.timeout)["users"])
         return 0
     state = json.loads((path / STATE).read_text())
     root = str((Path(r.cfg.run_dir) / "adapters").absolute())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,13 +28,19 @@ def data_dir() -> Path:
 
 @lru_cache(maxsize=64)
 def load_topic(topic: str) -> tuple[dict, ...]:
+    """The topic's records in PrefEval's own order (so index i is PrefEval's record i)."""
+    if not re.fullmatch(r"[\w-]+", topic):
+        raise ValueError(f"PrefEval topic {topic!r} must be a file stem such as travel_restaurant")
     path = data_dir() / f"{topic}.json"
     if not path.exists():
         known = sorted(p.stem for p in data_dir().glob("*.json")) if data_dir().is_dir() else []
         raise ValueError(f"no PrefEval topic {topic!r} in {data_dir()} (set RAYUID_PREFEVAL_DIR to the folder of "
                          f"explicit_preference/*.json); topics there: {', '.join(known) or 'none'}")
     records = json.loads(path.read_text(encoding="utf-8"))
-    return tuple(r for r in records if isinstance(r, dict) and r.get("preference") and r.get("question"))
+    if not isinstance(records, list) or not all(isinstance(r, dict) and r.get("preference") and r.get("question")
+                                                 for r in records):
+        raise ValueError(f"{path} is not a PrefEval explicit-preference file (a list of {{preference, question}})")
+    return tuple(records)
 
 
 def stated_preference(name: str) -> str:

@@ -128,3 +128,27 @@ def test_cross_check_scores_every_adapter_by_each_users_persona():
     assert cross[("a", "a")]["adherence"] == 1.0 and cross[("a", "b")]["adherence"] == 0.0
     assert cross[("b", "b")]["adherence"] == 1.0 and cross[("b", "a")]["adherence"] == 0.0
     assert cross[("a", "b")]["own_adapter_win_rate"] == 1.0 and cross[("a", "a")]["own_adapter_win_rate"] == 0.5
+
+
+def test_phase_starts_and_oracles_follow_each_users_own_schedule_and_params(monkeypatch):
+    ev = _eval([{"id": "u", "personas": ["concise", "detailed", "concise"], "params": {"concise": {"max_words": 3}}},
+                {"id": "v", "personas": ["concise"], "params": {"concise": {"max_words": 9}}}], switch_every=1)
+    from rayuid.prompts import Prompt
+
+    ev.prompts = [Prompt(f"p{i}", [{"role": "user", "content": f"q{i}"}]) for i in range(2)]
+    u_words, calls = [9, 8, 5, 1], []
+
+    def greedy(system, tokenizer, prompts, users):  # call 0: base, 1: oracles, 2+: the evaluation of step k-2
+        k = len(calls)
+        calls.append((len(prompts), list(users)))
+        words = [9 if k == 0 else 2 if k == 1 else u_words[k - 2] if u == "u" else 8 for u in users]
+        return [" ".join(["w"] * n) for n in words]
+
+    monkeypatch.setattr(ev, "_greedy", greedy)
+    for step in range(4):
+        ev(None, None, step, {"u": step, "v": step})
+    assert calls[1][0] == 6 and sorted(ev.oracle) == ["concise|max_words=3.0", "concise|max_words=9.0", "detailed"]
+    assert sorted(ev.phase_start) == ["u/0", "u/1", "u/2", "v/0"]
+    last = {r["persona"]: r for r in ev.rows if r["user"] == "u" and r["step"] == 3}
+    assert last["concise"]["active"] and last["concise"]["win_rate_vs_phase_start"] == 1.0   # 1 word vs 5 at step 2
+    assert last["concise"]["adherence"] == 1.0 and last["detailed"]["active"] is False

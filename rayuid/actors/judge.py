@@ -24,7 +24,8 @@ class JudgeWorker:
 
     def _chat(self, conversations: list[list[dict]]) -> list[str]:
         fits = [self._length(c) <= self.limit for c in conversations]
-        outs = iter(self.engine.chat([c for c, ok in zip(conversations, fits) if ok], self.max_tokens, 0.0))
+        sent = [c for c, ok in zip(conversations, fits) if ok]
+        outs = iter(self.engine.chat(sent, self.max_tokens, 0.0) if sent else [])
         self.judged += len(fits)
         self.too_long += fits.count(False)
         return [next(outs) if ok else "" for ok in fits]

@@ -50,31 +50,37 @@ class WeightSyncActor:
         t0 = time.perf_counter()
         exports = self._wait({u: self.learners[i].export_adapter.remote(u) for u, i in owners.items()}, -1)
         self.adapters.update(exports)
-        for user in owners:
-            self._load_adapter(user, list(self.engines))
+        dead = self._load_adapters(list(owners), list(self.engines))
+        for name in dead:  # restarted by Ray meanwhile: it gets every user's adapter, once
+            self._wait_alive(name)
+            self._load_adapters(list(self.adapters), [name], retry=False)
         return {"users": {u: e[3] for u, e in exports.items()}, "bytes": sum(e[2] for e in exports.values()),
                 "seconds": time.perf_counter() - t0}
 
-    def _load_adapter(self, user: str, names: list[str]) -> None:
-        """``user``'s current adapter into engines ``names``; an engine that dies meanwhile gets every user's adapter
-        once Ray has restarted it."""
-        ref, checksum, _, version = self.adapters[user]
-        refs = {n: self.engines[n].load_adapter.remote(user, ref) for n in names}
+    def _load_adapters(self, users: list[str], names: list[str], retry: bool = True) -> set[str]:
+        """All (user, engine) loads submitted at once and checked; returns the engines that died meanwhile."""
+        refs = {(u, n): self.engines[n].load_adapter.remote(u, self.adapters[u][0]) for u in users for n in names}
         ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)
         if pending:
-            raise timeout_error(version, [n for n, r in refs.items() if r in pending], self.timeout_s)
-        for name, r in refs.items():
+            late = sorted({n for (_, n), r in refs.items() if r in pending})
+            raise timeout_error(-1, late, self.timeout_s)
+        dead = set()
+        for (user, name), ref in refs.items():
+            _, checksum, _, version = self.adapters[user]
             try:
-                check_loaded(version, checksum, {name: ray.get(r)})
+                check_loaded(version, checksum, {name: ray.get(ref)})
             except DIED:
-                self.sync_engine(name)
+                if not retry:
+                    raise
+                dead.add(name)
+        return dead
 
     def sync_engine(self, name: str) -> int:
         """Load the current version (and every user's adapter) into one (e.g. restarted) engine; returns the
         version it now serves."""
         self._wait_alive(name)
-        for user in self.adapters:
-            self._load_adapter(user, [name])
+        if self.adapters:
+            self._load_adapters(list(self.adapters), [name], retry=False)
         if self.blob_ref is None:
             return 0
         check_loaded(self.version, self.checksum, self._load([name], self.version))
