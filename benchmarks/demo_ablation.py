@@ -18,18 +18,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "online_smollm2_concise.yaml"
+LIVE = ["teacher.weights=live", "ray.teacher_in=vllm"]
 LEARNER = ["ray.teacher_in=learner"]
-LORA = ["model.lora={r: 16, alpha: 32}", "ray.vllm.max_lora_rank=16"]
-VARIANTS: dict[str, list[str]] = {
-    "full_live_1e-5": ["model.lora=null", "optim.lr=1e-5"],
-    "full_ema_1e-5": ["model.lora=null", "optim.lr=1e-5", "teacher.weights=ema", *LEARNER],
-    "full_frozen_1e-5": ["model.lora=null", "optim.lr=1e-5", "teacher.weights=frozen", *LEARNER],
-    "full_live_1e-5_batch16": ["model.lora=null", "optim.lr=1e-5", "online.prompts_per_step=16", "online.steps=8",
+FULL = ["model.lora=null", "online.steps=16"]
+LORA = ["model.lora={r: 16, alpha: 32}", "ray.vllm.max_lora_rank=16", "online.steps=16", *LEARNER]
+VARIANTS: dict[str, list[str]] = {   # each pins what it changes from the job, so the job's defaults may move on
+    "full_live_1e-5": [*FULL, *LIVE, "optim.lr=1e-5"],
+    "full_ema_1e-5": [*FULL, *LEARNER, "optim.lr=1e-5", "teacher.weights=ema"],
+    "full_frozen_1e-5": [*FULL, *LEARNER, "optim.lr=1e-5", "teacher.weights=frozen"],
+    "full_live_1e-5_batch16": [*FULL, *LIVE, "optim.lr=1e-5", "online.prompts_per_step=16", "online.steps=8",
                                "online.eval_every=2", "optim.grad_accum_steps=4"],
-    "lora_live_1e-4": [*LORA, *LEARNER, "optim.lr=1e-4"],
-    "lora_live_2e-4": [*LORA, *LEARNER, "optim.lr=2e-4"],
-    "lora_ema_2e-4": [*LORA, *LEARNER, "optim.lr=2e-4", "teacher.weights=ema"],
-    "lora_live_1e-4_skip4": [*LORA, *LEARNER, "optim.lr=1e-4", "loss.ignore_first_k=4"],
+    "lora_live_1e-4": [*LORA, "teacher.weights=live", "optim.lr=1e-4"],
+    "lora_live_2e-4": [*LORA, "teacher.weights=live", "optim.lr=2e-4", "online.steps=12"],  # collapsed by 96
+    "lora_ema_2e-4": [*LORA, "teacher.weights=ema", "optim.lr=2e-4"],
+    "full_ema_2e-5_default": ["model.lora=null"],   # the job as shipped: EMA teacher, lr 2e-5, 160 interactions
 }
 
 
