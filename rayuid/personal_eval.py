@@ -248,20 +248,22 @@ def results_table(results: dict) -> str:
     """Before/after per user and persona, the baselines, and (several users) the cross-adapter check."""
     rows = results["rows"]
     base = {(b["user"], b["persona"], b["system"]): b for b in results["baselines"]}
-    lines = [f"{'user':<10}{'persona':<18}{'base':>7}{'oracle':>8}{'start':>7}{'end':>7}{'win vs base':>20}"
+    uw = max([len(r["user"]) for r in rows] + [4]) + 2
+    pw = max([len(r["persona"]) for r in rows] + [7]) + 2
+    lines = [f"{'user':<{uw}}{'persona':<{pw}}{'base':>7}{'oracle':>8}{'start':>7}{'end':>7}{'win vs base':>20}"
              f"{'oracle win':>12}",
              "  (adherence on the held-out prompts; win rate = wins/(wins+losses) ± analytic SE)"]
     for key in dict.fromkeys((r["user"], r["persona"]) for r in rows if "win_rate" in r):
         mine = [r for r in rows if (r["user"], r["persona"]) == key]
         first, last, oracle = mine[0], mine[-1], base.get((*key, "oracle"), {})
-        lines.append(f"{key[0]:<10}{key[1]:<18}{_f(base[(*key, 'base')].get('adherence')):>7}"
+        lines.append(f"{key[0]:<{uw}}{key[1]:<{pw}}{_f(base[(*key, 'base')].get('adherence')):>7}"
                      f"{_f(oracle.get('adherence')):>8}{_f(first.get('adherence')):>7}{_f(last.get('adherence')):>7}"
                      f"{last['win_rate']:>9.2f} ± {last['win_rate_se']:.2f} ({last['wins']}W/{last['losses']}L)"
                      f"{_f(oracle.get('win_rate')):>10}")
     if len({c["adapter"] for c in results["cross"]}) > 1:
         lines += ["", "cross-adapter check: each user's persona judges every adapter (adherence; own-adapter win rate)"]
         for c in results["cross"]:
-            lines.append(f"  {c['judge_user']:<10}judges {c['adapter']:<10}adherence {_f(c['adherence'])}   "
+            lines.append(f"  {c['judge_user']:<{uw}}judges {c['adapter']:<{uw}}adherence {_f(c['adherence'])}   "
                          f"own adapter wins {c['own_adapter_win_rate']:.2f}")
     for ret in results["retention"]:
         lines.append(f"retention {ret['user']}/{ret['persona']}: {ret['adherence_at_phase_end']:.2f} at the end of "
