@@ -225,10 +225,15 @@ def plot(path: Path, rows: list[dict], baselines: list[dict], switch_at: int | N
                 axes[0][col].plot(xs, [r["adherence"] for r in mine], marker="o", color=color, label=persona)
             axes[1][col].plot(xs, [r["win_rate"] for r in mine], marker="o", color=color, label=persona)
             for b in baselines:
-                if b["user"] == uid and b["persona"] == persona and "adherence" in b:
-                    style = ":" if b["system"] == "base" else "--"
+                if b["user"] != uid or b["persona"] != persona:
+                    continue
+                style = ":" if b["system"] == "base" else "--"
+                if "adherence" in b:
                     axes[0][col].axhline(b["adherence"], color=color, linestyle=style, linewidth=1,
                                          label=f"{persona} {b['system']}")
+                if b["system"] == "oracle" and "win_rate" in b:
+                    axes[1][col].axhline(b["win_rate"], color=color, linestyle="--", linewidth=1,
+                                         label=f"{persona} oracle")
         axes[0][col].set_title(f"user {uid}: held-out adherence")
         axes[1][col].set_title(f"user {uid}: win rate vs base")
         axes[1][col].axhline(0.5, color="grey", linestyle=":", linewidth=1)
