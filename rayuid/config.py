@@ -240,7 +240,22 @@ class OnlineSettings(_Strict):
         if self.users and self.switch_every and self.eval_every and self.switch_every % self.eval_every:
             raise ValueError(f"online.switch_every={self.switch_every} must be a multiple of online.eval_every="
                              f"{self.eval_every}, so that every preference switch is an evaluation point")
+        self._check_reachable()
         return self
+
+    def _check_reachable(self) -> None:
+        """A length persona the sampled replies cannot satisfy teaches nothing (~0.75 words per token)."""
+        from rayuid.users import make_persona
+
+        specs = [(u.id, p, u.persona_params(p)) for u in self.users for p in u.personas if not p.startswith("prefeval:")]
+        specs.append(("online.user", self.user.persona, dict(self.user.params)))
+        for who, persona, params in specs:
+            rule = make_persona(persona, **params).rule
+            need = rule.keywords.get("min_words", 0) if rule is not None else 0
+            if need > 0.75 * self.sampling.max_tokens:
+                raise ValueError(f"{who}: persona {persona} wants >= {need:g} words, but online.sampling.max_tokens="
+                                 f"{self.sampling.max_tokens} allows about {0.75 * self.sampling.max_tokens:.0f}; "
+                                 "raise max_tokens (and template.max_response_tokens) or lower min_words")
 
 
 class TrainConfig(_Strict):

@@ -86,3 +86,16 @@ def test_per_user_settings_are_validated_with_the_fix_in_the_message():
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
             TrainConfig.model_validate({**base, **change})
+
+
+def test_a_length_persona_the_replies_cannot_reach_is_refused():
+    from rayuid.config import TrainConfig
+
+    raw = {"model": {"name": "x", "lora": {"r": 8}}, "template": {"max_prompt_tokens": 64, "max_response_tokens": 256},
+           "ray": {"teacher_in": "learner", "vllm": {"max_lora_rank": 8}},
+           "online": {"sampling": {"max_tokens": 128},
+                      "users": [{"id": "b", "personas": ["detailed"], "params": {"detailed": {"min_words": 120}}}]}}
+    with pytest.raises(ValueError, match="allows about 96"):
+        TrainConfig.model_validate(raw)
+    raw["online"]["sampling"]["max_tokens"] = 256
+    assert TrainConfig.model_validate(raw).online.users[0].persona_params("detailed") == {"min_words": 120}
