@@ -44,7 +44,11 @@ def test_smoke_job_reaches_succeeded(ray_head, tmp_path):
     run_dir = tmp_path / "job_run"
     submit = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--no-wait", "--",
               "rayuid", "train", "jobs/smoke.yaml", f"run_dir={run_dir}"]
-    out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    for _ in range(12):  # a loaded machine may bring the head's job agent up after `ray start` returns
+        out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if "No available agent" not in out.stdout + out.stderr:
+            break
+        time.sleep(10)
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = re.search(r"(raysubmit_\w+)", out.stdout + out.stderr).group(1)
     status = ""
