@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from rayuid.checkpoint import atomic_folder
-from rayuid.config import TrainConfig
+from rayuid.config import USER_ID_PATTERN, TrainConfig
 from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
 from rayuid.scoring import response_logprobs
 from rayuid.step import autocast, student_batch
@@ -30,7 +30,7 @@ from rayuid.templates import ScoringPair
 from rayuid.trainer import build_optimizer, optimizer_step, train_batch
 from rayuid.weights import WeightsBlob, jsonable, pack_state_dict, write_adapter
 
-USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+USER_ID = re.compile(USER_ID_PATTERN)
 STATE_FILE = "adapter_state.pt"
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 
@@ -125,9 +125,6 @@ class UserAdapters:
         self.model.base_model.set_adapter(user)
         for name, param in self.model.named_parameters():
             param.requires_grad_(_owner(name) == user)
-
-    def adapter_params(self, user: str) -> dict[str, torch.Tensor]:
-        return {n: p for n, p in self.model.named_parameters() if _owner(n) == user}
 
     def train_step(self, user: str, pairs: list[ScoringPair]) -> dict:
         """One optimizer step of ``user``'s adapter on ``user``'s interactions (teacher = same adapter + o)."""

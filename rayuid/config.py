@@ -175,10 +175,14 @@ class JudgeSettings(_Strict):
     """The judge sees a request and two replies: give it a longer context than ray.vllm.max_model_len if needed."""
 
 
+USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""User ids name PEFT adapters, adapter folders and vLLM LoRA names (``rayuid.adapters.check_user_id``)."""
+
+
 class UserSpec(_Strict):
     """One simulated user of a per-user personalization run: an id and the persona(s) it plays, in order."""
 
-    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    id: str = Field(pattern=USER_ID_PATTERN)
     personas: list[str] = Field(min_length=1)
     """More than one: the user changes preference every ``online.switch_every`` steps (flip / sequential runs)."""
     params: dict[str, dict[str, float]] = {}

@@ -16,11 +16,13 @@ from rayuid.prompts import with_system_prompt
 from rayuid.users import make_persona
 
 
-def greedy_replies(system, tokenizer, prompts: list, options, max_tokens: int, timeout_s: float,
-                   retries: int) -> list[str]:
-    """One greedy reply per prompt from the rollout engines (whatever version they serve now)."""
+def greedy_replies(system, tokenizer, prompts: list, options, max_tokens: int, timeout_s: float, retries: int,
+                   users: list[str | None] | None = None, unknown_user: str = "base") -> list[str]:
+    """One greedy reply per prompt from the rollout engines (whatever version they serve now; ``users[i]``: the
+    adapter that answers prompt i)."""
     sampling = {"n": 1, "temperature": 0.0, "max_tokens": max_tokens}
-    samples = phases.generate(system, tokenizer, prompts, -1, sampling, options, 0, timeout_s, retries)
+    samples = phases.generate(system, tokenizer, prompts, -1, sampling, options, 0, timeout_s, retries, users,
+                              unknown_user)
     return [s.generation.text for s in samples]
 
 

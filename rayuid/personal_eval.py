@@ -19,9 +19,9 @@ from typing import Callable
 
 import ray
 
-from rayuid import judges, phases
+from rayuid import judges
 from rayuid.config import TrainConfig, UserSpec
-from rayuid.evaluation import style_measures
+from rayuid.evaluation import greedy_replies, style_measures
 from rayuid.plots import plt
 from rayuid.prompts import Prompt, with_system_prompt
 from rayuid.users import make_persona
@@ -68,20 +68,19 @@ class PersonalEval:
         self.oracle: dict[str, list[str]] = {}
         self.replies: dict[str, list[str]] = {}
         self.judge: JudgeFn | None = None
+        self.judge_actor = None                       # the JudgeWorker behind ``judge`` (for its stats)
         self.phase_start: dict[str, list[str]] = {}   # "user/phase" → replies when that phase began
 
     def _greedy(self, system, tokenizer, prompts: list[Prompt], users: list[str | None]) -> list[str]:
         o, r = self.cfg.online, self.cfg.ray
-        sampling = {"n": 1, "temperature": 0.0, "max_tokens": o.sampling.max_tokens}
-        samples = phases.generate(system, tokenizer, prompts, -1, sampling, self.options, 0, r.call_timeout_s,
-                                  r.max_restarts, users=users, unknown_user=o.unknown_user)
-        return [s.generation.text for s in samples]
+        return greedy_replies(system, tokenizer, prompts, self.options, o.sampling.max_tokens, r.call_timeout_s,
+                              r.max_restarts, users, o.unknown_user)
 
     def _connect_judge(self, system) -> None:
         """The LLM judge actor (``online.judge``), bound to the held-out prompts."""
         if getattr(system, "judge", None) is None:
             return
-        self.system_judge = system.judge
+        self.judge_actor = system.judge
         prompts = [p.messages[-1]["content"] for p in self.prompts]
         timeout = self.cfg.ray.call_timeout_s
         self.judge = lambda desc, xs, ys: ray.get(system.judge.judge.remote(desc, prompts, xs, ys), timeout=timeout)
@@ -192,7 +191,7 @@ class PersonalEval:
 
     def finish(self, run_dir: Path) -> dict:
         results = {"prompts": [p.messages[-1]["content"] for p in self.prompts], "rows": self.rows,
-                   "judge": ray.get(self.system_judge.stats.remote()) if self.judge is not None else None,
+                   "judge": ray.get(self.judge_actor.stats.remote()) if self.judge_actor is not None else None,
                    "baselines": self.baselines(), "cross": self.cross(), "retention": self.retention(),
                    "samples": {"base": self.base[:3], **{u: r[:3] for u, r in self.replies.items()}}}
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))

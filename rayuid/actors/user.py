@@ -32,10 +32,7 @@ class UserSimulatorWorker:
 
     def respond(self, prompts: Sequence[str], replies: Sequence[str]) -> list[str]:
         """One follow-up per (prompt, reply), in order."""
-        followups = self.simulator.respond(list(prompts), list(replies))
-        self.calls += 1
-        self.replies += len(followups)
-        return followups
+        return self._tally(self.simulator.respond(list(prompts), list(replies)))
 
     def respond_as(self, persona: str, persona_params: dict, prompts: Sequence[str],
                    replies: Sequence[str]) -> list[str]:
@@ -44,7 +41,9 @@ class UserSimulatorWorker:
         if key not in self._others:
             shared = {k: v for k, v in self._params.items() if k in ("max_tokens", "temperature")}
             self._others[key] = make_simulator(self.kind, persona, self._generate_fn, **shared, **persona_params)
-        followups = self._others[key].respond(list(prompts), list(replies))
+        return self._tally(self._others[key].respond(list(prompts), list(replies)))
+
+    def _tally(self, followups: list[str]) -> list[str]:
         self.calls += 1
         self.replies += len(followups)
         return followups
