@@ -4,34 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 DEFAULT_CASES = "../shared/data/external/sdpo_signal_cases/signal_analysis_cases.json"
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from rayuid.data.extract import ExtractConfig, NoInteractionsError, run_extract
+    from rayuid.data.extract import ExtractConfig, run_extract
 
     config = ExtractConfig(max_user_chars=None if args.no_user_limit else 4096,
                            languages=args.language or None)
-    try:
-        report = run_extract(args.inputs, args.out, args.report, config)
-    except NoInteractionsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    report = run_extract(args.inputs, args.out, args.report, config)
     print(report.summary())
     print(f"interactions -> {args.out}" + (f"; report -> {args.report}" if args.report else ""))
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    from rayuid.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    from rayuid.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        import yaml
+
+        from rayuid.precision import decide_all, describe
+
+        print(f"# {args.config} validated; every `auto` decided for this machine ({describe()})")
+        print(yaml.safe_dump(decide_all(cfg).model_dump(mode="json"), sort_keys=False), end="")
+        return 0
     if cfg.ray is None:
         from rayuid.trainer import train
 
@@ -71,19 +71,25 @@ def _signal(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayuid", description="SDPO from user interactions")
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="show every log line (vLLM, Ray, progress bars of each actor) and tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False, help=verbose._actions[0].help)
     sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("extract", help="chat logs -> (context, response, followup) interactions")
+    ex = sub.add_parser("extract", parents=[verbose], help="chat logs -> (context, response, followup) interactions")
     ex.add_argument("inputs", nargs="+", help=".jsonl/.json/.parquet files or HF dataset names/paths (name:split)")
     ex.add_argument("--out", required=True)
     ex.add_argument("--report")
     ex.add_argument("--language", action="append", help="keep only these `language` values (repeatable)")
     ex.add_argument("--no-user-limit", action="store_true", help="drop the 4,096-char user-message filter")
     ex.set_defaults(func=_extract)
-    tr = sub.add_parser("train", help="run a job config (YAML) with optional key=value overrides")
+    tr = sub.add_parser("train", parents=[verbose], help="run a job config (YAML) with optional key=value overrides")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="validate, decide every `auto` for this machine, print the resolved config as YAML, exit")
     tr.set_defaults(func=_train)
-    sg = sub.add_parser("signal", help="per-token hindsight advantage heatmaps (paper §6.8)")
+    sg = sub.add_parser("signal", parents=[verbose], help="per-token hindsight advantage heatmaps (paper §6.8)")
     sg.add_argument("--cases", default=DEFAULT_CASES)
     sg.add_argument("--out", required=True)
     sg.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -95,10 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can expect (bad input, config, cluster, model), each raised with what to fix."""
+    from rayuid.actors.spawn import ClusterError
+    from rayuid.config import ConfigError
+    from rayuid.engine import EngineStartError
+    from rayuid.fsdp import DistributedSetupError
+    from rayuid.models import ModelNotFoundError
+    from rayuid.sync import SyncError
+
+    return (ConfigError, ClusterError, EngineStartError, DistributedSetupError, ModelNotFoundError, SyncError,
+            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Run a command; an expected error is one ``error: …`` line and exit code 2 (``-v``: the traceback too)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from rayuid import logs
+
+    logs.configure(args.verbose)
+    try:
+        return args.func(args)
+    except Exception as err:  # noqa: BLE001 - sorted below: expected errors get one line, bugs a traceback
+        cause = getattr(err, "cause", None) or err  # an error raised inside a Ray actor carries the original
+        if args.verbose or not isinstance(cause, _user_errors()):
+            raise
+        print(f"error: {str(cause).strip()}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,10 +29,13 @@ class LoraSettings(_Strict):
 class ModelSettings(_Strict):
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     """HF hub name or local folder; SmolLM2-135M-Instruct works offline (see rayuid.models)."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of the stored (master) weights."""
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    """bfloat16 = autocast matmuls (fp32 master weights and log-softmax); ~5x faster on CPUs with AMX/avx512_bf16."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """Dtype of the stored (master) weights. auto = bfloat16 on a GPU with native bf16, float32 on CPU (decided on
+    the learner's node; see rayuid.precision)."""
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    """bfloat16 = autocast matmuls (master weights and log-softmax stay as they are). auto = bfloat16 where the
+    learner's device computes it natively (CUDA with bf16, CPUs with AVX512_BF16/AMX), else float32. bf16 on a CPU
+    without it is emulated and ~20-40x slower: honoured, with a warning."""
     lora: LoraSettings | None = None
     """None = full fine-tuning (the paper's setting); a block = PEFT LoRA adapter."""
 
@@ -109,6 +112,8 @@ class EngineSettings(_Strict):
     """vLLM engine arguments shared by rollout, teacher and LLM-user engines (see vllm.LLM)."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """auto = bfloat16 where the engine's node computes it natively, else float32 (decided by each engine; not
+    vLLM's own 'auto', which follows the checkpoint's dtype whatever the hardware)."""
     max_model_len: int = Field(2048, ge=16)
     kv_cache_memory_bytes: int | None = Field(256 << 20, ge=1 << 20)
     """CPU: KV cache size (vLLM otherwise reserves 92% of a NUMA node). Set null and use gpu_memory_utilization on GPU."""

@@ -55,7 +55,7 @@ def run(cfg: TrainConfig) -> dict:
         r.evaluator = HeldoutEval(cfg, source.heldout, source.options)
     try:
         metrics = train_with_recovery(r)
-        summary = finish(cfg, metrics.records(), r.ledger, source)
+        summary = finish(cfg, metrics.records(), r.ledger, source, r.system.precision)
         if r.evaluator is not None and r.evaluator.points:
             summary["eval_table"] = r.evaluator.finish(run_dir)
             summary["eval_curve"] = str(run_dir / "eval_curve.png")

@@ -20,12 +20,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from rayuid.config import EngineSettings, SamplingSettings
-from rayuid.weights import WeightsBlob, verify, write_adapter
+from rayuid import logs, precision
+from rayuid.weights import WeightsBlob, unflatten, verify, write_adapter
 
 EXTENSION = "rayuid.engine.WorkerExtension"
 
@@ -33,12 +35,16 @@ EXTENSION = "rayuid.engine.WorkerExtension"
 class WorkerExtension:
     """Mixed into vLLM's worker (``worker_extension_cls``); reached with ``llm.collective_rpc``."""
 
+    def rayuid_load_tensors(self, named: list) -> int:
+        """In-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0): (name, tensor view) pairs, no copy on the way."""
+        self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
+        return len(named)
+
     def rayuid_load_packed(self, data: bytes) -> int:
+        """Engines in their own process: tensors cannot cross collective_rpc, so they come as safetensors bytes."""
         from safetensors.torch import load
 
-        state = load(bytes(data))
-        self.reload_weights(weights_iterator=iter(list(state.items())), is_checkpoint_format=True)
-        return len(state)
+        return self.rayuid_load_tensors(list(load(bytes(data)).items()))
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,12 @@ class VllmEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        settings = precision.decide_engine(settings)  # `auto` decided here, on the engine's own node
+        self.dtype = settings.dtype
+
         kwargs = dict(model=model_path, dtype=settings.dtype, enforce_eager=settings.enforce_eager,
                       max_model_len=settings.max_model_len, seed=seed, worker_extension_cls=EXTENSION,
-                      **settings.extra)
+                      use_tqdm_on_load=logs.verbose(), **settings.extra)
         if settings.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = settings.kv_cache_memory_bytes
         if settings.gpu_memory_utilization is not None:
@@ -197,13 +206,17 @@ class VllmEngine:
             shutil.rmtree(old.lora_path, ignore_errors=True)
         return new
 
-    def load_weights(self, blob: WeightsBlob) -> tuple[int, str]:
-        """Serve policy ``blob.version``; returns (version, checksum) as loaded."""
+    def load_weights(self, blob: WeightsBlob) -> tuple[int, str, float]:
+        """Serve policy ``blob.version``; returns (version, checksum) as loaded and the seconds it took here."""
+        t0 = time.perf_counter()
         if blob.kind == "lora":
             self.lora_request = self._swap_lora(self.lora_request, f"policy-v{blob.version}", blob, self._adapter_root)
+        elif os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            self.llm.collective_rpc("rayuid_load_tensors", args=(list(unflatten(blob).items()),))
         else:
-            verify(blob)
-            self.llm.collective_rpc("rayuid_load_packed", args=(blob.data,))
+            from safetensors.torch import save
+
+            self.llm.collective_rpc("rayuid_load_packed", args=(save(unflatten(blob)),))
         self.llm.reset_prefix_cache()
         self.version, self.checksum = blob.version, blob.checksum
-        return self.version, self.checksum
+        return self.version, self.checksum, time.perf_counter() - t0

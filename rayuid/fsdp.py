@@ -36,7 +36,7 @@ from rayuid.step import autocast, score_teacher, sdpo_objective, student_batch
 from rayuid.teacher import TeacherWeights
 from rayuid.templates import ScoringPair
 from rayuid.trainer import build_model, build_optimizer, optimizer_step
-from rayuid.weights import WeightsBlob, jsonable, pack_state_dict
+from rayuid.weights import FlatPacker, WeightsBlob, jsonable, pack_state_dict
 
 PHASE_KEYS = ("teacher_s", "student_s", "optim_s", "seconds")
 COUNT_KEYS = ("tokens", "tokens_processed", "interactions")
@@ -145,17 +145,6 @@ def shard_model(model: nn.Module, world_size: int, device: torch.device) -> _Pol
     return policy
 
 
-def tied_duplicates(model: nn.Module) -> set[str]:
-    """Names of parameters that are another name's tensor (tied embeddings): exported once, as vLLM expects."""
-    seen: set[int] = set()
-    dupes: set[str] = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            dupes.add(name)
-        seen.add(id(param))
-    return dupes
-
-
 def _accumulate(sums: dict[str, float], stats: dict[str, float], weight: float) -> None:
     """Seconds add up; counts add up for real micro-batches; stats are weighted by their share of the batch."""
     for key, value in stats.items():
@@ -182,12 +171,12 @@ class FsdpLearner:
         self.tokenizer = load_tokenizer(resolve_model(cfg.model.name))
         self.pad_id = self.tokenizer.pad_token_id
         model = build_model(cfg, resume_from=None).to(self.device)
-        self.tied = tied_duplicates(model)
         self.policy = shard_model(model, world_size, self.device)
         self.model = model
         self.optimizer, self.scheduler = build_optimizer(model, cfg, total_steps)
         self.teacher = ShardedTeacherWeights(model, cfg.teacher.weights, cfg.teacher.ema_rate)
         self.live = TeacherWeights(model, "live")  # score_teacher's own swap is a no-op; ours wraps the call
+        self.packer = FlatPacker()  # one buffer, reused by every published version
         self.step = 0
 
     # ---------------------------------------------------------------- training
@@ -298,9 +287,16 @@ class FsdpLearner:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(self.model, options=opts)
 
-    def export_weights(self, version: int) -> WeightsBlob | None:
-        """The current policy as one blob on rank 0 (None elsewhere): the LoRA adapter, or full HF weights."""
-        state = self.full_state_dict(trainable_only=self.is_lora)
+    def export_weights(self, version: int, serve_dtype: str | None = None) -> WeightsBlob | None:
+        """The current policy as one blob on rank 0 (None elsewhere): the LoRA adapter, or full HF weights cast to
+        ``serve_dtype`` (what the engines compute in) while they are packed. The blob shares this learner's pack
+        buffer: put it in the object store before the next export. Tied weights (the LM head of SmolLM2) go under
+        both names: vLLM's layerwise reload puts back the old head when it gets the embedding alone (measured:
+        served log-probs 0.5 nats off; tests/test_engine.py)."""
+        if self.world_size == 1 and not self.is_lora:  # the one shard is the full tensor: no gather, no copy
+            state = {k: _local(v) for k, v in self.model.state_dict().items()}
+        else:
+            state = self.full_state_dict(trainable_only=self.is_lora)
         if self.rank != 0:
             return None
         if self.is_lora:
@@ -308,11 +304,8 @@ class FsdpLearner:
 
             adapter = get_peft_model_state_dict(self.model, state_dict=state)
             return pack_state_dict(adapter, version, "lora", self.lora_config())
-        serve = self.cfg.ray.vllm.dtype if self.cfg.ray else "auto"
-        cast = getattr(torch, serve) if serve in ("bfloat16", "float16") else None  # engines serve this dtype anyway
-        state = {k: (v.to(cast) if cast is not None and v.is_floating_point() else v)
-                 for k, v in state.items() if k not in self.tied}
-        return pack_state_dict(state, version, "full")
+        cast = getattr(torch, serve_dtype) if serve_dtype in ("float32", "bfloat16", "float16") else None
+        return self.packer.pack(state, version, "full", dtype=cast)  # tied names share one slot of the buffer
 
     def lora_config(self) -> dict:
         return jsonable(self.model.peft_config["default"].to_dict())

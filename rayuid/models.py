@@ -175,6 +175,9 @@ def load_causal_lm(path: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from rayuid import precision
+
+    dtype = precision.master_dtype(dtype, precision.device_kind())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model.eval()
     return model

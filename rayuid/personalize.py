@@ -63,7 +63,7 @@ def run(cfg: TrainConfig) -> dict:
         loop(r, start, metrics)
         if not r.evaluator.replies:  # e.g. a finished run started again: measure the final adapters
             r.evaluator(r.system, r.tokenizer, source.total_steps, r.versions)
-        summary = finish(cfg, metrics.records(), r.ledger, source)
+        summary = finish(cfg, metrics.records(), r.ledger, source, r.system.precision)
         results = r.evaluator.finish(run_dir)
         summary["results"] = {k: v for k, v in results.items() if k not in ("rows", "samples", "prompts")}
         summary["results_table"] = results_table(results)

@@ -108,7 +108,8 @@ def save_checkpoint(cfg: TrainConfig, system, step: int, version: int, ledger: L
     return path
 
 
-def finish(cfg: TrainConfig, records: list[dict], ledger: Ledger, source: RunSource) -> dict:
+def finish(cfg: TrainConfig, records: list[dict], ledger: Ledger, source: RunSource, precision: dict) -> dict:
+    """``summary.json``: counts, losses, seconds per phase, and each role's decided precision."""
     run_dir = Path(cfg.run_dir)
     counts = ledger.counts()
     phases = ("generate_s", "simulate_s", "score_s", "learn_s", "sync_s")
@@ -122,6 +123,7 @@ def finish(cfg: TrainConfig, records: list[dict], ledger: Ledger, source: RunSou
         checkpoint=str(latest_checkpoint(run_dir) or ""), metrics=str(run_dir / "metrics.jsonl"),
         plot=str(plot_metrics(records, run_dir / "metrics.png", ("loss", "adv_mean", "mean_reply_words")))
         if records else None,
+        precision=precision,
     )
     (run_dir / "ledger.json").write_text(json.dumps(ledger.to_json()))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

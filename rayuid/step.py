@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from rayuid import precision
 from rayuid.config import LossSettings
 from rayuid.losses import SampledTokenOptions, distribution_loss, sampled_token_loss
 from rayuid.scoring import ScoreBatch, collate, response_logits, response_logprobs
@@ -53,10 +54,11 @@ def sdpo_objective(model, pairs: Sequence[ScoringPair], teacher_scores: torch.Te
 
 
 def autocast(model, compute_dtype: str):
-    """bf16 autocast on the model's device type, or a no-op for float32."""
+    """bf16 autocast on the model's device type, or a no-op for float32 (``auto``: see ``rayuid.precision``)."""
+    device = next(model.parameters()).device.type
+    compute_dtype = precision.compute_dtype(compute_dtype, device, "model.compute_dtype")
     if compute_dtype == "float32":
         return contextlib.nullcontext()
-    device = next(model.parameters()).device.type
     return torch.autocast(device, dtype=getattr(torch, compute_dtype))
 
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rayuid import checkpoint as ckpt
+from rayuid import precision
 from rayuid.config import TrainConfig, dump_config
 from rayuid.data.extract import extract_interactions
 from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
@@ -140,6 +141,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+    cfg = precision.decide_model(cfg)  # `auto` decided for this process's device
+    log.info("offline trainer on %s: weights %s, compute %s", precision.describe(), cfg.model.dtype,
+             cfg.model.compute_dtype)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -215,6 +219,8 @@ def _finish(cfg: TrainConfig, run_dir: Path, metrics: MetricsLog, last_ckpt: Pat
         teacher_time_share=teacher_s / busy,
         checkpoint=str(last_ckpt or ckpt.latest_checkpoint(run_dir) or ""),
         metrics=str(metrics.path), plot=str(plot_metrics(records, run_dir / "metrics.png")) if records else None,
+        precision={"trainer": {"dtype": cfg.model.dtype, "compute_dtype": cfg.model.compute_dtype,
+                               **precision.describe()}},
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -50,7 +50,7 @@ def test_score_matches_transformers_and_weight_load_changes_it(engine, tiny_mode
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     blob = pack_state_dict(model.state_dict(), version=1)
-    assert engine.load_weights(blob) == (1, blob.checksum)
+    assert engine.load_weights(blob)[:2] == (1, blob.checksum)   # (version, checksum, seconds)
     after = engine.score(PROMPTS, responses)
     for got, ref, old in zip(after, _hf_scores(model, PROMPTS, responses), before):
         assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4
@@ -157,3 +157,30 @@ def test_judge_skips_what_does_not_fit_and_counts_it(engine):
     out = judge.judge("I want short answers.", ["Hi?", "Hello?"], ["Short.", "word " * 1200], ["Longer reply.", "ok"])
     assert len(out) == 2 and out[1] == "tie" and set(out) <= {"x", "y", "tie"}
     assert judge.stats() == {"judged": 4, "too_long": 2}
+
+
+def test_tied_lm_head_follows_the_published_embedding(tmp_path, tiny_llama_dir):
+    """A tied LM head must be published under its own name too: given the embedding alone, vLLM's layerwise reload
+    ("ParallelLMHead: Failed to load weights") puts the old head back (measured 0.5 nats off). The name shares the
+    embedding's slot of the buffer, so it costs no bytes."""
+    from rayuid.engine import VllmEngine
+    from rayuid.models import load_tokenizer
+
+    model = load_causal_lm(tiny_llama_dir)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path / "tied")
+    load_tokenizer(tiny_llama_dir).save_pretrained(tmp_path / "tied")
+    model = load_causal_lm(str(tmp_path / "tied"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    engine = VllmEngine(str(tmp_path / "tied"), SETTINGS, seed=0)
+    responses = [[50, 51, 52, 2], [70, 71]]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    blob = pack_state_dict(model.state_dict(), version=1)
+    untied = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert blob.num_bytes == pack_state_dict(untied, version=1).num_bytes   # one slot for both names
+    engine.load_weights(blob)
+    for got, ref in zip(engine.score(PROMPTS, responses), _hf_scores(model, PROMPTS, responses)):
+        assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4

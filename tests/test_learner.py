@@ -85,9 +85,9 @@ def test_one_rank_train_step_equals_the_offline_trainer(process_group, tiny_mode
         assert abs(metrics["loss"] - sums["loss"]) < 1e-6 and abs(metrics["grad_norm"] - grad_norm) < 1e-5
         assert metrics["tokens"] == sums["tokens"] and metrics["interactions"] == 4
     exported = learner.export_weights(version=2)
-    from rayuid.weights import unpack
+    from rayuid.weights import unflatten
 
-    weights = unpack(exported)
+    weights = unflatten(exported)
     assert exported.kind == "full" and exported.version == 2
     assert _max_diff(weights, ref.state_dict()) < 1e-6
     assert _max_diff(weights, initial) > 1e-4  # the update is real, not a no-op
@@ -168,12 +168,14 @@ def _step(ray, actors: list, batch: list, rows: list | None, first: int | None =
 
 
 def _export(ray, actors: list, version: int):
-    from rayuid.weights import unpack
+    from rayuid.weights import unflatten
 
-    lists = _call(ray, actors, "export_weights", version)
-    assert len(lists[0]) == 3 and all(not x for x in lists[1:])  # one object per version, from rank 0
-    blob = ray.get(lists[0][0], timeout=RAY_TIMEOUT_S)
-    return blob, unpack(blob)
+    outs = _call(ray, actors, "export_weights", version)
+    assert set(outs[0]) == {"ref", "checksum", "bytes", "export_s", "put_s"} and all(not x for x in outs[1:])
+    blob = ray.get(outs[0]["ref"], timeout=RAY_TIMEOUT_S)  # one object per version, from rank 0
+    assert blob.checksum == outs[0]["checksum"] and blob.num_bytes == outs[0]["bytes"]
+    assert not blob.data.flags.writeable  # read zero-copy out of the object store, not a private copy
+    return blob, unflatten(blob)
 
 
 @pytest.fixture(scope="module")

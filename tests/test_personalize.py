@@ -11,12 +11,14 @@ from rayuid.config import UserSpec
 
 pytestmark = pytest.mark.slow
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
+FP32 = ("model.compute_dtype=float32", "ray.vllm.dtype=float32")  # the shipped `auto` may pick bf16; these tests
+#                                                                    compare numbers at fp32 tolerances
 
 
 def _cfg(run_dir, tiny_model_dir, *overrides):
     from rayuid.config import load_config
 
-    return load_config(JOBS / "smoke_users.yaml", [f"run_dir={run_dir}", f"model.name={tiny_model_dir}", *overrides])
+    return load_config(JOBS / "smoke_users.yaml", [f"run_dir={run_dir}", f"model.name={tiny_model_dir}", *FP32, *overrides])
 
 
 def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer):

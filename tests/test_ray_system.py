@@ -14,12 +14,14 @@ import torch
 
 pytestmark = pytest.mark.slow
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
+FP32 = ("model.compute_dtype=float32", "ray.vllm.dtype=float32")  # the shipped `auto` may pick bf16; these tests
+#                                                                    compare numbers at fp32 tolerances
 
 
 def _smoke(tmp_path, tiny_model_dir, *overrides):
     from rayuid.config import load_config
 
-    return load_config(JOBS / "smoke.yaml", [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", *overrides])
+    return load_config(JOBS / "smoke.yaml", [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", *FP32, *overrides])
 
 
 def _samples(run_dir) -> list[dict]:

@@ -7,23 +7,33 @@ in parallel. A plain class: the actor decorator is applied in ``rayuid.actors.sp
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 import torch
 
+from rayuid import logs, precision
 from rayuid.adapters import AdapterStore, UserAdapters
 from rayuid.config import TrainConfig
 from rayuid.templates import ScoringPair
 
+log = logging.getLogger(__name__)
+
 
 class AdapterLearnerWorker:
     def __init__(self, cfg_json: dict, total_steps: int):
-        self.cfg = TrainConfig.model_validate(cfg_json)
+        logs.configure()
+        self.cfg = precision.decide_model(TrainConfig.model_validate(cfg_json))  # `auto` decided on this node
         threads = self.cfg.threads or self.cfg.ray.learner.num_threads()
         if threads:
             torch.set_num_threads(threads)
         self.adapters = UserAdapters(self.cfg, total_steps)
+        log.info("adapter learner on %s: weights %s, compute %s, %d threads", precision.describe(),
+                 self.cfg.model.dtype, self.cfg.model.compute_dtype, torch.get_num_threads())
+
+    def precision(self) -> dict:
+        return {"dtype": self.cfg.model.dtype, "compute_dtype": self.cfg.model.compute_dtype, **precision.describe()}
 
     def ready(self) -> bool:
         return True

@@ -7,11 +7,15 @@ A restarted actor comes back at policy version 0; the driver asks the WeightSync
 
 from __future__ import annotations
 
+import logging
 import os
 
+from rayuid import logs, precision
 from rayuid.config import EngineSettings, SamplingSettings
 from rayuid.engine import Generation, VllmEngine
 from rayuid.weights import WeightsBlob
+
+log = logging.getLogger(__name__)
 
 
 def start_engine(model: str, settings: dict, enable_lora: bool, seed: int, threads: int | None) -> VllmEngine:
@@ -19,9 +23,13 @@ def start_engine(model: str, settings: dict, enable_lora: bool, seed: int, threa
 
     from rayuid.models import resolve_model
 
+    logs.configure()
     if threads:
         torch.set_num_threads(threads)
-    return VllmEngine(resolve_model(model), EngineSettings.model_validate(settings), enable_lora, seed)
+    engine = VllmEngine(resolve_model(model), EngineSettings.model_validate(settings), enable_lora, seed)
+    log.info("vLLM engine for %s on %s: dtype %s, %d threads", model, precision.describe(), engine.dtype,
+             torch.get_num_threads())
+    return engine
 
 
 class RolloutWorker:
@@ -41,6 +49,10 @@ class RolloutWorker:
     def version(self) -> int:
         return self.engine.version
 
+    def precision(self) -> dict:
+        """The dtype this engine decided on (``auto`` is decided on its own node), and the hardware."""
+        return {"dtype": self.engine.dtype, **precision.describe()}
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -57,6 +69,7 @@ class TeacherWorker:
     load_weights = RolloutWorker.load_weights
     load_adapter = RolloutWorker.load_adapter
     version = RolloutWorker.version
+    precision = RolloutWorker.precision
     pid = RolloutWorker.pid
 
 
@@ -71,4 +84,5 @@ class SharedEngineWorker:
     load_weights = RolloutWorker.load_weights
     load_adapter = RolloutWorker.load_adapter
     version = RolloutWorker.version
+    precision = RolloutWorker.precision
     pid = RolloutWorker.pid

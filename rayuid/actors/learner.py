@@ -7,25 +7,36 @@ collective: the driver calls it on all ranks of the group at once.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import ray
 import torch
 
-from rayuid import fsdp
+from rayuid import fsdp, logs, precision
 from rayuid.config import TrainConfig
 from rayuid.templates import ScoringPair
+
+log = logging.getLogger(__name__)
 
 
 class LearnerWorker:
     """One FSDP rank. Build all ranks, ask rank 0 for ``node_ip()`` and ``free_port()``, then ``setup`` all."""
 
     def __init__(self, cfg_json: dict, rank: int, world_size: int, total_steps: int):
-        self.cfg = TrainConfig.model_validate(cfg_json)
+        logs.configure()
+        self.cfg = precision.decide_model(TrainConfig.model_validate(cfg_json))  # `auto` decided on this node
         threads = self.cfg.threads or (self.cfg.ray.learner.num_threads() if self.cfg.ray else None)
         if threads:
             torch.set_num_threads(threads)
         self.rank, self.world_size, self.total_steps = rank, world_size, total_steps
+        log.info("learner%d on %s: weights %s, compute %s, %d threads", rank, precision.describe(),
+                 self.cfg.model.dtype, self.cfg.model.compute_dtype, torch.get_num_threads())
+
+    def precision(self) -> dict:
+        """What this rank decided ``auto`` to be, and on what hardware."""
+        return {"dtype": self.cfg.model.dtype, "compute_dtype": self.cfg.model.compute_dtype, **precision.describe()}
         self._learner: fsdp.FsdpLearner | None = None
 
     def ready(self) -> bool:
@@ -59,11 +70,17 @@ class LearnerWorker:
                    global_batch_size: int) -> dict:
         return self.learner.train_step(pairs, teacher_lp, global_batch_size)
 
-    def export_weights(self, version: int) -> list:
-        """``[ObjectRef, checksum, bytes]`` on rank 0, ``[]`` elsewhere: the list stops Ray from resolving the ref,
-        so the blob is put into the object store once and engines fetch it from there."""
-        blob = self.learner.export_weights(version)
-        return [] if blob is None else [ray.put(blob), blob.checksum, blob.num_bytes]
+    def export_weights(self, version: int, serve_dtype: str | None = None) -> dict:
+        """On rank 0 ``{ref, checksum, bytes, export_s, put_s}`` (``{}`` elsewhere): a ref inside a dict is not
+        resolved by Ray, so the blob is put into the object store once and engines fetch it from there."""
+        t0 = time.perf_counter()
+        blob = self.learner.export_weights(version, serve_dtype)
+        if blob is None:
+            return {}
+        t1 = time.perf_counter()
+        ref = ray.put(blob)  # copies the (reused) pack buffer into the object store
+        return {"ref": ref, "checksum": blob.checksum, "bytes": blob.num_bytes, "export_s": t1 - t0,
+                "put_s": time.perf_counter() - t1}
 
     def response_logprobs(self, pairs: list[ScoringPair]) -> list[list[float]]:
         return self.learner.response_logprobs(pairs)

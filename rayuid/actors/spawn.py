@@ -23,10 +23,16 @@ from rayuid.actors.judge import JudgeWorker
 from rayuid.actors.learner import LearnerWorker
 from rayuid.actors.user import UserSimulatorWorker
 from rayuid.actors.weight_sync import WeightSyncActor
+from rayuid import logs
 from rayuid.config import Resources, TrainConfig
 
 log = logging.getLogger(__name__)
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def actor_env() -> dict[str, str]:
+    """Environment variables every actor starts with: in-process vLLM, and the run's verbosity."""
+    return {**ACTOR_ENV, **logs.actor_env()}
 
 
 class ClusterError(RuntimeError):
@@ -44,9 +50,9 @@ def connect(address: str | None, num_cpus: int | None) -> None:
                            "single-node Ray.")
     try:
         if target:
-            ray.init(address=target)
+            ray.init(address=target, logging_level=logs.ray_level())
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logs.ray_level())
     except (ConnectionError, RuntimeError, ValueError, SystemExit) as err:
         raise ClusterError(
             f"could not connect to the Ray cluster at {target!r}: {err}. Start one with `ray start --head`, pass its "
@@ -115,6 +121,8 @@ class System:
     pg: object
     bundle_of: dict = field(default_factory=dict)
     judge: object | None = None
+    precision: dict = field(default_factory=dict)
+    """Per role, the dtypes it decided (``auto`` is decided on each actor's node) and the hardware it saw."""
 
     def shutdown(self) -> None:
         for handle in [*self.learners, *self.engines.values(), self.sync, self.user, self.judge]:
@@ -128,7 +136,7 @@ def _options(pg, index: int, bundle: dict, **extra) -> dict:
     strategy = PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
     custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
     return dict(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), resources=custom,
-                scheduling_strategy=strategy, runtime_env={"env_vars": ACTOR_ENV}, **extra)
+                scheduling_strategy=strategy, runtime_env={"env_vars": actor_env()}, **extra)
 
 
 def reserve(cfg: TrainConfig, plan: list[tuple[str, dict]]):
@@ -194,7 +202,7 @@ def _start_user(cfg: TrainConfig, pg, bundle_of: dict):
         factory = functools.partial(start_engine, user.model or cfg.model.name, cfg.ray.vllm.model_dump(mode="json"),
                                     False, cfg.seed, cfg.ray.user.num_threads())
     opts = _options(pg, *bundle_of["user"]) if "user" in bundle_of else {"num_cpus": 0,
-                                                                        "runtime_env": {"env_vars": ACTOR_ENV}}
+                                                                        "runtime_env": {"env_vars": actor_env()}}
     opts.update(max_restarts=cfg.ray.max_restarts, max_task_retries=0)
     params = {**user.params, "max_tokens": user.max_tokens, "temperature": user.temperature}
     return ray.remote(UserSimulatorWorker).options(**opts).remote(user.kind, user.persona, params, factory)
@@ -230,5 +238,20 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
     user = _start_user(cfg, pg, bundle_of) if cfg.online is not None else None
     judge = _start_judge(cfg, pg, bundle_of) if "judge" in bundle_of else None
     _wait_ready({**engines, **({"judge": judge} if judge is not None else {})}, cfg.ray.call_timeout_s)
-    sync = ray.remote(WeightSyncActor).options(num_cpus=0).remote(learners, engines, cfg.ray.sync_timeout_s)
-    return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of, judge)
+    decided = actor_precision(learners, engines, cfg.ray.call_timeout_s)
+    sync = ray.remote(WeightSyncActor).options(num_cpus=0).remote(learners, engines, cfg.ray.sync_timeout_s,
+                                                                  serve_dtype=serve_dtype(decided))
+    return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of, judge, decided)
+
+
+def actor_precision(learners: list, engines: dict, timeout_s: float) -> dict:
+    """What each learner rank and engine decided its dtypes to be, on its own node (for the summary)."""
+    names = [f"learner{i}" for i in range(len(learners))] + list(engines)
+    refs = [h.precision.remote() for h in [*learners, *engines.values()]]
+    return dict(zip(names, ray.get(refs, timeout=timeout_s)))
+
+
+def serve_dtype(decided: dict) -> str | None:
+    """Pure: the dtype all engines compute in (the learner packs published weights in it), None if they differ."""
+    dtypes = {p["dtype"] for name, p in decided.items() if not name.startswith("learner")}
+    return dtypes.pop() if len(dtypes) == 1 else None

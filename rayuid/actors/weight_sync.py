@@ -1,8 +1,9 @@
 """WeightSyncActor: owns the policy version and the order of a publish.
 
-publish(): every learner rank takes part in gathering the full weights (or the LoRA adapter); rank 0 alone puts
-them in the object store as ONE object; the actor hands that object to every inference engine; each loads it and
-reports (version, checksum); only when all match does publish return. Every wait has a timeout that names the
+publish(): every learner rank takes part in gathering the full weights (or the LoRA adapter); rank 0 alone packs
+them into one flat buffer (``rayuid.weights``) and puts it in the object store as ONE object; the actor hands that
+object to every inference engine, which reads it zero-copy on its node; each loads it and reports (version,
+checksum); only when all match does publish return. Every wait has a timeout that names the
 engine. A restarted engine is brought to the current version with ``sync_engine``.
 
 On GPU clusters the same interface is where vLLM's NCCL weight-transfer engine belongs; it is not implemented yet
@@ -21,8 +22,10 @@ DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 class WeightSyncActor:
-    def __init__(self, learners: list, engines: dict, timeout_s: float = 300.0, version: int = 0):
+    def __init__(self, learners: list, engines: dict, timeout_s: float = 300.0, version: int = 0,
+                 serve_dtype: str | None = None):
         self.learners = learners
+        self.serve_dtype = serve_dtype  # what every engine computes in: the learner packs in it (None: as trained)
         self.engines = dict(engines)
         self.timeout_s = timeout_s
         self.version = version
@@ -31,17 +34,20 @@ class WeightSyncActor:
         self.adapters: dict[str, list] = {}  # user → [ObjectRef, checksum, bytes, version] of the served adapter
 
     def publish(self) -> dict:
+        """Version + 1: every learner rank exports (rank 0 packs and puts ONE object), every engine loads it and
+        reports (version, checksum); returns the ``PublishReport`` with the time of each part."""
         version = self.version + 1
-        t0 = time.perf_counter()
-        exports = self._wait({f"learner{r}": l.export_weights.remote(version) for r, l in enumerate(self.learners)},
-                             version)
-        self.blob_ref, checksum, num_bytes = exports["learner0"]  # [ObjectRef, checksum, bytes] from rank 0 only
+        exports = self._wait({f"learner{r}": l.export_weights.remote(version, self.serve_dtype)
+                              for r, l in enumerate(self.learners)}, version)
+        out = exports["learner0"]  # {ref, checksum, bytes, export_s, put_s} from rank 0 only
+        self.blob_ref = out["ref"]
         t1 = time.perf_counter()
         reports = self._load(list(self.engines), version)
-        check_loaded(version, checksum, reports)
-        self.version, self.checksum = version, checksum
-        report = PublishReport(version, checksum, num_bytes, t1 - t0, time.perf_counter() - t1,
-                               {n: v for n, (v, _) in reports.items()})
+        fanout_s = time.perf_counter() - t1
+        check_loaded(version, out["checksum"], reports)
+        self.version, self.checksum = version, out["checksum"]
+        report = PublishReport(version, out["checksum"], out["bytes"], out["export_s"], out["put_s"], fanout_s,
+                               max(r[2] for r in reports.values()), {n: r[0] for n, r in reports.items()})
         return report.to_json()
 
     def publish_adapters(self, owners: dict[str, int]) -> dict:
