@@ -11,10 +11,12 @@ import time
 
 import torch
 
+from rayuid import precision
 from rayuid.config import TrainConfig
 from rayuid.data.extract import Interaction
 from rayuid.models import load_tokenizer, resolve_model
 from rayuid.prompts import load_prompts, prompts_for_step
+from rayuid.step import autocast
 from rayuid.teacher import TeacherWeights
 from rayuid.templates import TemplateOptions, build_pair, render_prompt_ids
 from rayuid.trainer import build_model, build_optimizer, optimizer_step, train_batch
@@ -28,7 +30,7 @@ def _generate(model, tokenizer, prompts, cfg: TrainConfig, options: TemplateOpti
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     s = cfg.online.sampling
-    with torch.no_grad():
+    with torch.no_grad(), autocast(model, cfg.model.compute_dtype):  # the precision the Ray system computes in
         out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=s.temperature,
                              top_p=s.top_p, top_k=0, max_new_tokens=s.max_tokens, pad_token_id=tokenizer.pad_token_id)
     replies = []
@@ -40,6 +42,7 @@ def _generate(model, tokenizer, prompts, cfg: TrainConfig, options: TemplateOpti
 
 def run_baseline(cfg: TrainConfig, steps: int) -> dict:
     """``steps`` timed steps after one warm-up step; returns interactions/s and seconds per phase."""
+    cfg = precision.decide_model(cfg)
     tokenizer = load_tokenizer(resolve_model(cfg.model.name))
     model = build_model(cfg, None)
     optimizer, scheduler = build_optimizer(model, cfg, steps + 1)
@@ -68,4 +71,4 @@ def run_baseline(cfg: TrainConfig, steps: int) -> dict:
             timed += len(pairs)
             for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
                 phases[key] += value
-    return {"rate": timed / sum(phases.values()), "phases": phases}
+    return {"rate": timed / sum(phases.values()), "phases": phases, "compute_dtype": cfg.model.compute_dtype}

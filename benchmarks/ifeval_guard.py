@@ -42,7 +42,7 @@ def evaluate(model: str, path: Path, limit: int, seed: int, max_tokens: int) -> 
     from rayuid.models import resolve_model
 
     folder = merged(Path(model)) if (Path(model) / "adapter_config.json").exists() else resolve_model(model)
-    engine = VllmEngine(folder, EngineSettings(dtype="bfloat16", max_model_len=2048))
+    engine = VllmEngine(folder, EngineSettings(dtype="auto", max_model_len=2048))
     result = run_ifeval(lambda convs: engine.chat(convs, max_tokens, 0.0), str(path), limit, seed)
     return {k: v for k, v in result.items() if k != "per_prompt"}
 

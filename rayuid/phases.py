@@ -16,6 +16,7 @@ from rayuid.actors.spawn import System
 from rayuid.data.extract import Interaction
 from rayuid.engine import Generation
 from rayuid.prompts import Prompt
+from rayuid.step import length_order
 from rayuid.templates import ScoringPair, TemplateOptions, build_pair, render_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,12 @@ def score(system: System, pairs: list[ScoringPair], timeout_s: float, retries: i
 
 
 def learn(system: System, pairs: list[ScoringPair], teacher_lp: list | None, timeout_s: float) -> dict:
-    """One optimizer step: rank r gets shard r of the global batch; all ranks step together."""
+    """One optimizer step: rank r gets shard r of the global batch, ordered by length (so each rank's
+    micro-batches hold similar lengths: less padding, the same gradient); all ranks step together."""
     n = len(system.learners)
+    order = length_order(pairs)
+    pairs = [pairs[i] for i in order]
+    teacher_lp = None if teacher_lp is None else [teacher_lp[i] for i in order]
     pair_shards = shard(pairs, n)
     lp_shards = shard(teacher_lp, n) if teacher_lp is not None else [None] * n
     refs = [l.train_step.remote(p, t, len(pairs)) for l, p, t in zip(system.learners, pair_shards, lp_shards)]

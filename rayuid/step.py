@@ -20,6 +20,16 @@ from rayuid.teacher import TeacherWeights
 from rayuid.templates import ScoringPair
 
 
+def length_order(pairs: Sequence[ScoringPair]) -> list[int]:
+    """Indices that put pairs of similar length into the same micro-batch, so fewer padding tokens are computed.
+
+    Regrouping changes no gradient: every objective is a mean of per-sequence means (``masked_sequence_mean``) and
+    each micro-batch is weighted by its share of the batch. Stable, so equal lengths keep their order.
+    """
+    return sorted(range(len(pairs)), key=lambda i: (len(pairs[i].student_prompt) + len(pairs[i].response),
+                                                     len(pairs[i].teacher_prompt)))
+
+
 def student_batch(pairs: Sequence[ScoringPair], pad_id: int) -> ScoreBatch:
     return collate([p.student_prompt for p in pairs], [p.response for p in pairs], pad_id)
 

@@ -24,7 +24,7 @@ from rayuid.config import TrainConfig, dump_config
 from rayuid.data.extract import extract_interactions
 from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
 from rayuid.plots import plot_metrics
-from rayuid.step import micro_step
+from rayuid.step import length_order, micro_step
 from rayuid.teacher import TeacherWeights
 from rayuid.templates import TemplateOptions, build_pair
 
@@ -105,6 +105,7 @@ def optimizer_step(model, optimizer, scheduler, max_grad_norm: float | None) -> 
 def train_batch(model, batch: list, teacher: TeacherWeights, cfg: TrainConfig, pad_id: int) -> dict:
     """One optimizer step's worth of micro-batches (gradient accumulation); returns the step's metrics."""
     mb = cfg.optim.micro_batch_size
+    batch = [batch[i] for i in length_order(batch)]  # less padding; the same gradient
     chunks = [batch[i: i + mb] for i in range(0, len(batch), mb)]
     sums: dict[str, float] = {}
     for chunk in chunks:

@@ -66,11 +66,13 @@ def test_one_rank_train_step_equals_the_offline_trainer(process_group, tiny_mode
     """live: teacher log-probs handed in (as from vLLM); ema: scored in the learner with the sharded EMA teacher."""
     from rayuid import trainer
     from rayuid.fsdp import FsdpLearner
+    from rayuid.step import length_order
     from rayuid.teacher import TeacherWeights
 
     torch.set_num_threads(1)
     cfg = TrainConfig.model_validate(_config(tiny_model_dir, teacher={"weights": teacher, "ema_rate": 0.5}))
     pairs, pad = _pairs(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id
+    pairs = [pairs[i] for i in length_order(pairs)]  # as the driver hands them over (rayuid.phases.learn)
     learner = FsdpLearner(cfg, rank=0, world_size=1, total_steps=4)
     ref = trainer.build_model(cfg, None)
     initial = {k: v.clone() for k, v in ref.state_dict().items()}

@@ -112,5 +112,5 @@ def test_dry_run_prints_the_decided_config_without_ray_or_models(tmp_path):
     assert out.returncode == 0, out.stderr
     cfg = yaml.safe_load(out.stdout)
     assert cfg["model"]["dtype"] == cfg["model"]["compute_dtype"] == cfg["ray"]["vllm"]["dtype"] == "float32"
-    assert cfg["optim"]["lr"] == 3e-5 and cfg["online"]["steps"] == 20
+    assert cfg["optim"]["lr"] == 3e-5 and cfg["online"]["steps"] == 12
     assert out.stdout.startswith("# ") and "native_bf16" in out.stdout.splitlines()[0]

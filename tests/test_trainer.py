@@ -125,6 +125,30 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, tiny_model_dir, intera
         assert abs(loss - grads[0][1]) < 1e-6
 
 
+def test_length_sorted_micro_batches_give_the_unsorted_gradient(tmp_path, tiny_model_dir, interactions_file):
+    from rayuid.models import load_tokenizer
+    from rayuid.step import length_order, micro_step
+
+    cfg = _config(tmp_path, tiny_model_dir, interactions_file, optim={"micro_batch_size": 2, "grad_accum_steps": 3})
+    tok = load_tokenizer(tiny_model_dir)
+    pairs, _ = load_pairs(cfg, tok)
+    pairs = pairs[:6]
+    lengths = [len(p.student_prompt) + len(p.response) for p in pairs]
+    order = length_order(pairs)
+    assert sorted(order) == list(range(6)) and [lengths[i] for i in order] == sorted(lengths)
+    assert order != list(range(6))  # the fixture's lengths are mixed, so the grouping really changes
+    grads = []
+    for sort in (False, True):
+        model = build_model(cfg, None)
+        if sort:
+            train_batch(model, pairs, TeacherWeights(model), cfg, tok.pad_token_id)
+        else:  # the reference: micro-batches in arrival order
+            for i in range(0, 6, 2):
+                micro_step(model, pairs[i: i + 2], TeacherWeights(model), cfg.loss, tok.pad_token_id, 2 / 6)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().max() > 1e-3
+
+
 def test_distribution_loss_kinds_train(tmp_path, tiny_model_dir, interactions_file):
     for kind in ("reverse_kl", "jsd"):
         cfg = _config(tmp_path, tiny_model_dir, interactions_file, name=kind, loss={"kind": kind, "topk": 16},
