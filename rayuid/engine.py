@@ -76,7 +76,8 @@ class VllmEngine:
 
         kwargs = dict(model=model_path, dtype=settings.dtype, enforce_eager=settings.enforce_eager,
                       max_model_len=settings.max_model_len, seed=seed, worker_extension_cls=EXTENSION,
-                      use_tqdm_on_load=logs.verbose(), **settings.extra)
+                      **settings.extra)
+        kwargs.setdefault("use_tqdm_on_load", logs.verbose())  # per-engine load bars only with -v
         if settings.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = settings.kv_cache_memory_bytes
         if settings.gpu_memory_utilization is not None:
