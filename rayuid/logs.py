@@ -59,3 +59,8 @@ def configure(is_verbose: bool | None = None) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes to each other
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.formatwarning = _one_line  # what is left is meant for the user: no file:line or source echo
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"

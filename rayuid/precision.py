@@ -98,7 +98,7 @@ def master_dtype(value: str, device: str) -> str:
 @functools.lru_cache(maxsize=None)
 def _warn_emulated(what: str, device: str) -> None:
     warnings.warn(f"{what}=bfloat16 on this {device}, which has no native bf16 (no AVX512_BF16/AMX): bf16 matmuls are "
-                  "emulated, ~20-40x slower than float32; set {what}=auto (or float32)", SlowPrecisionWarning,
+                  f"emulated, ~20-40x slower than float32; set {what}=auto (or float32)", SlowPrecisionWarning,
                   stacklevel=3)
 
 

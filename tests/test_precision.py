@@ -81,7 +81,8 @@ def test_auto_and_explicit_choices(hardware):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert precision.compute_dtype("float32", "cpu", "x") == "float32"
-    with pytest.warns(precision.SlowPrecisionWarning, match=r"model.compute_dtype=bfloat16 .*emulated.*=auto"):
+    with pytest.warns(precision.SlowPrecisionWarning,
+                      match=r"model.compute_dtype=bfloat16 .*emulated.*; set model.compute_dtype=auto \(or float32\)"):
         assert precision.compute_dtype("bfloat16", "cpu", "model.compute_dtype") == "bfloat16"  # honoured
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per setting: the second time is silent
