@@ -28,11 +28,17 @@ from rayuid.config import Resources, TrainConfig
 
 log = logging.getLogger(__name__)
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+# glibc malloc: serve big blocks from the heap and keep freed memory, so the activations of every learner step and
+# the tensors vLLM's reload allocates reuse pages instead of page-faulting fresh ones (measured on SmolLM2 here:
+# learner step 7.2 -> 5.6 s, vLLM reload 0.25 -> 0.16 s, generation unchanged). The cost: an actor's RSS stays at
+# its peak. Set either variable yourself to override.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 def actor_env() -> dict[str, str]:
     """Environment variables every actor starts with: in-process vLLM, and the run's verbosity."""
-    return {**ACTOR_ENV, **logs.actor_env()}
+    allocator = {k: os.environ.get(k, v) for k, v in ALLOCATOR_ENV.items()}
+    return {**ACTOR_ENV, **allocator, **logs.actor_env()}
 
 
 class ClusterError(RuntimeError):
