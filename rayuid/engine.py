@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from rayuid.config import EngineSettings, SamplingSettings
 from rayuid import logs, precision
+from rayuid.config import EngineSettings, SamplingSettings
 from rayuid.weights import WeightsBlob, unflatten, verify, write_adapter
 
 EXTENSION = "rayuid.engine.WorkerExtension"

@@ -129,11 +129,13 @@ class ShardedTeacherWeights(TeacherWeights):
                 shadow.copy_(saved)
 
     def _scratch(self, like: torch.Tensor) -> torch.Tensor:
-        buf = getattr(self, "_buffer", None)
-        if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype or buf.device != like.device:
+        """A view of this dtype's scratch buffer (as large as the largest local shard), made on first use."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        key = (like.dtype, like.device)
+        if key not in buffers:
             largest = max(_local(p).numel() for p in self._params.values())
-            buf = self._buffer = torch.empty(largest, dtype=like.dtype, device=like.device)
-        return buf[: like.numel()].view(like.shape)
+            buffers[key] = torch.empty(largest, dtype=like.dtype, device=like.device)
+        return buffers[key][: like.numel()].view(like.shape)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -126,6 +126,11 @@ def decide_all(cfg, device: str | None = None):
     return out
 
 
+def model_report(cfg) -> dict:
+    """A learner's decided dtypes and the hardware that decided them (actor start lines, summaries)."""
+    return {"dtype": cfg.model.dtype, "compute_dtype": cfg.model.compute_dtype, **describe()}
+
+
 def describe(device: str | None = None) -> dict:
     """What decided it: the device and whether it computes bf16 natively (for actor start lines and summaries)."""
     device = device or device_kind()

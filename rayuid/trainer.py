@@ -143,8 +143,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     cfg = precision.decide_model(cfg)  # `auto` decided for this process's device
-    log.info("offline trainer on %s: weights %s, compute %s", precision.describe(), cfg.model.dtype,
-             cfg.model.compute_dtype)
+    log.info("offline trainer: %s", precision.model_report(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -220,8 +219,7 @@ def _finish(cfg: TrainConfig, run_dir: Path, metrics: MetricsLog, last_ckpt: Pat
         teacher_time_share=teacher_s / busy,
         checkpoint=str(last_ckpt or ckpt.latest_checkpoint(run_dir) or ""),
         metrics=str(metrics.path), plot=str(plot_metrics(records, run_dir / "metrics.png")) if records else None,
-        precision={"trainer": {"dtype": cfg.model.dtype, "compute_dtype": cfg.model.compute_dtype,
-                               **precision.describe()}},
+        precision={"trainer": precision.model_report(cfg)},
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -266,3 +266,14 @@ def test_lora_export_loads_into_peft_and_reproduces_the_learner(ray_cluster, tin
     expected = [lp[i, : len(p.response)] for i, p in enumerate(pairs)]
     assert learner_lp[0] == learner_lp[1]
     assert max((torch.tensor(a) - b).abs().max().item() for a, b in zip(learner_lp[0], expected)) < 1e-5
+
+
+def test_learner_actor_says_to_call_setup_first(monkeypatch, tiny_model_dir):
+    from rayuid import logs
+    from rayuid.actors.learner import LearnerWorker
+
+    monkeypatch.setattr(logs, "configure", lambda *a: None)  # leave this test process's logging alone
+    worker = LearnerWorker(_config(tiny_model_dir), rank=0, world_size=1, total_steps=1)
+    assert worker.precision()["dtype"] == "float32" and worker.precision()["compute_dtype"] == "float32"
+    with pytest.raises(RuntimeError, match=r"setup\(master_addr, master_port\) must run on every rank first"):
+        worker.learner

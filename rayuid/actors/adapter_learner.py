@@ -29,11 +29,11 @@ class AdapterLearnerWorker:
         if threads:
             torch.set_num_threads(threads)
         self.adapters = UserAdapters(self.cfg, total_steps)
-        log.info("adapter learner on %s: weights %s, compute %s, %d threads", precision.describe(),
-                 self.cfg.model.dtype, self.cfg.model.compute_dtype, torch.get_num_threads())
+        log.info("adapter learner: %s, %d threads", precision.model_report(self.cfg), torch.get_num_threads())
 
     def precision(self) -> dict:
-        return {"dtype": self.cfg.model.dtype, "compute_dtype": self.cfg.model.compute_dtype, **precision.describe()}
+        """What this learner decided ``auto`` to be, and on what hardware."""
+        return precision.model_report(self.cfg)
 
     def ready(self) -> bool:
         return True

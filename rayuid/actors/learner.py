@@ -31,13 +31,12 @@ class LearnerWorker:
         if threads:
             torch.set_num_threads(threads)
         self.rank, self.world_size, self.total_steps = rank, world_size, total_steps
-        log.info("learner%d on %s: weights %s, compute %s, %d threads", rank, precision.describe(),
-                 self.cfg.model.dtype, self.cfg.model.compute_dtype, torch.get_num_threads())
+        self._learner: fsdp.FsdpLearner | None = None
+        log.info("learner%d: %s, %d threads", rank, precision.model_report(self.cfg), torch.get_num_threads())
 
     def precision(self) -> dict:
         """What this rank decided ``auto`` to be, and on what hardware."""
-        return {"dtype": self.cfg.model.dtype, "compute_dtype": self.cfg.model.compute_dtype, **precision.describe()}
-        self._learner: fsdp.FsdpLearner | None = None
+        return precision.model_report(self.cfg)
 
     def ready(self) -> bool:
         return True

@@ -17,13 +17,13 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rayuid import logs
 from rayuid.actors.adapter_learner import AdapterLearnerWorker
 from rayuid.actors.inference import RolloutWorker, SharedEngineWorker, TeacherWorker, start_engine
 from rayuid.actors.judge import JudgeWorker
 from rayuid.actors.learner import LearnerWorker
 from rayuid.actors.user import UserSimulatorWorker
 from rayuid.actors.weight_sync import WeightSyncActor
-from rayuid import logs
 from rayuid.config import Resources, TrainConfig
 
 log = logging.getLogger(__name__)
