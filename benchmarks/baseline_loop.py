@@ -14,13 +14,13 @@ import torch
 from rayuid import precision
 from rayuid.config import TrainConfig
 from rayuid.data.extract import Interaction
-from rayuid.models import load_tokenizer, resolve_model
-from rayuid.prompts import load_prompts, prompts_for_step
-from rayuid.step import autocast
-from rayuid.teacher import TeacherWeights
-from rayuid.templates import TemplateOptions, build_pair, render_prompt_ids
-from rayuid.trainer import build_model, build_optimizer, optimizer_step, train_batch
-from rayuid.users import make_simulator
+from rayuid.data.prompts import load_prompts, prompts_for_step
+from rayuid.data.templates import TemplateOptions, build_pair, render_prompt_ids
+from rayuid.feedback.users import make_simulator
+from rayuid.sdpo.models import build_model, load_tokenizer, resolve_model
+from rayuid.sdpo.optim import build_optimizer, optimizer_step
+from rayuid.sdpo.step import autocast, train_batch
+from rayuid.sdpo.teacher_weights import TeacherWeights
 
 
 def _generate(model, tokenizer, prompts, cfg: TrainConfig, options: TemplateOptions) -> list[list[int]]:

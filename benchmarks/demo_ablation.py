@@ -40,7 +40,7 @@ def run_variant(name: str, overrides: list[str], out: Path) -> dict:
     if not (run_dir / "eval.json").exists():
         cmd = [sys.executable, "-m", "rayuid.cli", "train", str(JOB), f"run_dir={run_dir}", *overrides]
         subprocess.run(cmd, check=True, cwd=ROOT)
-    from rayuid.judges import apologizes
+    from rayuid.feedback.judges import apologizes
 
     evaluation = json.loads((run_dir / "eval.json").read_text())
     after = evaluation["samples"]["after"]
@@ -49,7 +49,7 @@ def run_variant(name: str, overrides: list[str], out: Path) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    from rayuid.plots import plt
+    from rayuid.records.plots import plt
 
     panels = [("adherence", "held-out adherence"), ("win_rate_vs_base", "win rate vs base"),
               ("mean_words", "mean reply words")]

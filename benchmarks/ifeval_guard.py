@@ -6,7 +6,7 @@
 A PEFT adapter folder (a per-user adapter, or a LoRA run's checkpoint) is merged into its base model first.
 
 Greedy replies from a vLLM engine per model; the fixed seeded subsample of ../shared/data/external/ifeval is
-scored with the official IFEval checkers (``rayuid.ifeval``).
+scored with the official IFEval checkers (``rayuid.feedback.ifeval``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def merged(adapter: Path) -> str:
 
     from peft import PeftModel
 
-    from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
+    from rayuid.sdpo.models import load_causal_lm, load_tokenizer, resolve_model
 
     base = resolve_model(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
     out = Path(tempfile.mkdtemp(prefix="rayuid-merged-"))
@@ -37,9 +37,9 @@ def merged(adapter: Path) -> str:
 
 def evaluate(model: str, path: Path, limit: int, seed: int, max_tokens: int) -> dict:
     from rayuid.config import EngineSettings
-    from rayuid.engine import VllmEngine
-    from rayuid.ifeval import run_ifeval
-    from rayuid.models import resolve_model
+    from rayuid.feedback.ifeval import run_ifeval
+    from rayuid.sdpo.models import resolve_model
+    from rayuid.system.engine import VllmEngine
 
     folder = merged(Path(model)) if (Path(model) / "adapter_config.json").exists() else resolve_model(model)
     engine = VllmEngine(folder, EngineSettings(dtype="auto", max_model_len=2048))

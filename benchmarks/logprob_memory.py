@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from rayuid.logprobs import token_logprobs
+from rayuid.sdpo.logprobs import token_logprobs
 
 MIB = 2**20
 

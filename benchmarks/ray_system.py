@@ -37,9 +37,9 @@ def bench_publish(repeats: int = 3) -> dict:
     memcpy of the same bytes into fresh memory, measured in the same process and run."""
     import ray
 
-    from rayuid.actors.spawn import build_system
-    from rayuid.engine import VllmEngine
-    from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
+    from rayuid.sdpo.models import load_causal_lm, load_tokenizer, resolve_model
+    from rayuid.system.actors.spawn import build_system
+    from rayuid.system.engine import VllmEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _cfg(tmp, 1)
@@ -98,10 +98,10 @@ def _memcpy(num_bytes: int, repeats: int) -> tuple[float, float]:
 
 
 def bench_scoring(batch: int = 8) -> dict:
-    from rayuid.engine import VllmEngine
-    from rayuid.models import load_causal_lm, load_tokenizer, resolve_model
-    from rayuid.scoring import collate, response_logprobs
-    from rayuid.trainer import load_pairs
+    from rayuid.data.pairs import load_pairs
+    from rayuid.sdpo.models import load_causal_lm, load_tokenizer, resolve_model
+    from rayuid.sdpo.scoring import collate, response_logprobs
+    from rayuid.system.engine import VllmEngine
 
     cfg = _cfg("/tmp/unused", 1, "online=", "data.paths=[rayuid:sample]")
     path = resolve_model(cfg.model.name)
@@ -127,7 +127,7 @@ def bench_scoring(batch: int = 8) -> dict:
 
 
 def bench_e2e(steps: int, staleness: int = 0) -> dict:
-    from rayuid.driver import run
+    from rayuid.system.driver import run
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _cfg(tmp, steps + 1, f"online.max_staleness={staleness}")
@@ -153,7 +153,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from rayuid.actors.spawn import connect
+    from rayuid.system.actors.spawn import connect
 
     connect(None, None)
     results = {}

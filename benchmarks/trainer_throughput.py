@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from rayuid.config import load_config
-from rayuid.trainer import train
+from rayuid.offline.trainer import train
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "offline_smollm2_sample.yaml"
 

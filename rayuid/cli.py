@@ -1,4 +1,4 @@
-"""``rayuid`` command line: extract, train, signal."""
+"""``rayuid`` command line: extract, train, signal, config schema."""
 
 from __future__ import annotations
 
@@ -33,15 +33,12 @@ def _train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(decide_all(cfg).model_dump(mode="json"), sort_keys=False), end="")
         return 0
     if cfg.ray is None:
-        from rayuid.trainer import train
+        from rayuid.offline.trainer import train
 
         summary = train(cfg)
         keys = ("steps_done", "interactions_trained", "first_loss", "final_loss", "tokens_per_s", "teacher_time_share")
     else:
-        if cfg.online is not None and cfg.online.users:
-            from rayuid.personalize import run
-        else:
-            from rayuid.driver import run
+        from rayuid.system.driver import run  # single-policy and per-user runs alike
 
         summary = run(cfg)
         keys = ("mode", "steps_done", "interactions_trained", "first_loss", "final_loss", "final_version",
@@ -57,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _signal(args: argparse.Namespace) -> int:
-    from rayuid.signal import run_signal
+    from rayuid.offline.signal import run_signal
 
     summary = run_signal(args.cases, args.out, args.model, args.template, args.max_new_tokens, args.seed, args.limit)
     for row in summary["cases"]:
@@ -66,6 +63,17 @@ def _signal(args: argparse.Namespace) -> int:
     print(f"mean |A|: feedback {summary['mean_abs_adv_feedback']:.3f}, unrelated {summary['mean_abs_adv_unrelated']:.3f}"
           f" ({summary['cases_feedback_stronger']}/{summary['num_cases']} cases feedback > unrelated)")
     print(f"heatmaps and summary.json in {args.out}")
+    return 0
+
+
+def _config_schema(args: argparse.Namespace) -> int:
+    """One line per job-config field: ``dotted.path  type  default  — description`` (no Ray, no models)."""
+    from rayuid.config import field_docs
+
+    rows = field_docs()
+    width = max(len(path) for path, *_ in rows)
+    for path, kind, default, doc in rows:
+        print(f"{path:<{width}}  {kind}  {default}  — {doc}")
     return 0
 
 
@@ -98,17 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--seed", type=int, default=123)
     sg.add_argument("--limit", type=int, help="only the first N cases")
     sg.set_defaults(func=_signal)
+    cf = sub.add_parser("config", parents=[verbose], help="describe the job config (YAML) format")
+    schema = cf.add_subparsers(dest="action", required=True).add_parser(
+        "schema", parents=[verbose], help="every config field, one per line: dotted path, type, default, meaning")
+    schema.set_defaults(func=_config_schema)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a user can expect (bad input, config, cluster, model), each raised with what to fix."""
-    from rayuid.actors.spawn import ClusterError
     from rayuid.config import ConfigError
-    from rayuid.engine import EngineStartError
-    from rayuid.fsdp import DistributedSetupError
-    from rayuid.models import ModelNotFoundError
-    from rayuid.sync import SyncError
+    from rayuid.sdpo.models import ModelNotFoundError
+    from rayuid.system.actors.spawn import ClusterError
+    from rayuid.system.engine import EngineStartError
+    from rayuid.system.learner import DistributedSetupError
+    from rayuid.system.sync import SyncError
 
     return (ConfigError, ClusterError, EngineStartError, DistributedSetupError, ModelNotFoundError, SyncError,
             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)

@@ -26,21 +26,21 @@ def _isolated_hf_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    from rayuid.tiny import build_tiny_model
+    from rayuid.sdpo.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> str:
-    from rayuid.tiny import build_tiny_model
+    from rayuid.sdpo.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", arch="llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from rayuid.models import load_tokenizer
+    from rayuid.sdpo.models import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayuid.adapters import AdapterStore, UserAdapters, check_user_id
 from rayuid.config import TrainConfig
 from rayuid.data.extract import Interaction
-from rayuid.templates import build_pair
+from rayuid.data.templates import build_pair
+from rayuid.personal.adapters import AdapterStore, UserAdapters, check_user_id
 
 
 def _pairs(tokenizer, tag: str, n: int = 4) -> list:
@@ -52,9 +52,9 @@ def test_training_one_user_leaves_other_users_and_the_base_bit_identical(tiny_mo
 def test_exported_adapter_loads_in_peft_and_reproduces_the_learner(tiny_model_dir, tiny_tokenizer, tmp_path):
     from peft import PeftModel
 
-    from rayuid.models import load_causal_lm
-    from rayuid.scoring import response_logprobs
-    from rayuid.step import student_batch
+    from rayuid.sdpo.models import load_causal_lm
+    from rayuid.sdpo.scoring import response_logprobs
+    from rayuid.sdpo.step import student_batch
 
     ua = UserAdapters(_cfg(tiny_model_dir), total_steps=10)
     ua.train_step("carol", _pairs(tiny_tokenizer, "carol"))

@@ -15,8 +15,8 @@ def test_trained_checkpoint_loads_in_vllm(tmp_path, tiny_model_dir, monkeypatch)
     from vllm import LLM, SamplingParams
 
     from rayuid.config import TrainConfig
-    from rayuid.models import load_causal_lm
-    from rayuid.trainer import train
+    from rayuid.offline.trainer import train
+    from rayuid.sdpo.models import load_causal_lm
 
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"id": f"c{i}:1", "conversation_id": f"c{i}", "turn": 1,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from rayuid.config import OnlineSettings, field_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +32,7 @@ def _rayuid(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_expected_errors_are_one_line(tmp_path, args, says):
     out = _rayuid(*[a.format(tmp=tmp_path) for a in args])
     assert out.returncode == 2, out.stderr
-    assert out.stderr.startswith(f"error: ") and says in out.stderr.splitlines()[0]
+    assert out.stderr.startswith("error: ") and says in out.stderr.splitlines()[0]
     assert "Traceback" not in out.stderr and out.stdout == ""
 
 
@@ -39,3 +41,17 @@ def test_verbose_shows_the_traceback(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr and "FileNotFoundError" in out.stderr
     late = _rayuid("extract", "missing.jsonl", "--out", str(tmp_path / "x.jsonl"), "--verbose")
     assert "Traceback" in late.stderr                              # the flag also works after the command
+
+
+def test_config_schema_prints_every_field_without_ray_or_vllm():
+    script = ("import sys; from rayuid.cli import main; code = main(['config', 'schema']); "
+              "assert 'vllm' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules); sys.exit(code)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines, rows = out.stdout.splitlines(), field_docs()
+    assert len(lines) == len(rows) > 100
+    for line, (path, kind, default, doc) in zip(lines, rows):
+        assert line.split()[0] == path and line.endswith(f"  {kind}  {default}  — {doc}"), line
+    staleness = next(line for line in lines if line.startswith("online.max_staleness "))
+    meaning = " ".join(OnlineSettings.model_fields["max_staleness"].description.split())
+    assert staleness.endswith(f"  int  0  — {meaning}") and "strictly on-policy" in meaning

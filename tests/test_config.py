@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
 
-from rayuid.config import ConfigError, TrainConfig, load_config, parse_overrides
+from rayuid.config import (
+    ConfigError,
+    ExtractConfig,
+    JudgeSettings,
+    Resources,
+    TrainConfig,
+    UserSpec,
+    field_docs,
+    load_config,
+    parse_overrides,
+)
 
 JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
 
@@ -51,10 +63,18 @@ def test_mistakes_name_the_key(tmp_path):
         load_config(path)
 
 
+def test_max_staleness_is_what_the_driver_does():
+    """0 (on-policy) or 1 (generate one step ahead); a deeper pipeline is refused, not silently run as 1."""
+    job = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
+    assert load_config(job, ["online.max_staleness=1"]).online.max_staleness == 1
+    with pytest.raises(ConfigError, match="online.max_staleness"):
+        load_config(job, ["online.max_staleness=2"])
+
+
 def test_unreachable_cluster_is_a_clear_error():
     import ray
 
-    from rayuid.actors.spawn import ClusterError, connect
+    from rayuid.system.actors.spawn import ClusterError, connect
 
     if ray.is_initialized():
         pytest.skip("a Ray session is already running in this process")
@@ -99,3 +119,43 @@ def test_a_length_persona_the_replies_cannot_reach_is_refused():
         TrainConfig.model_validate(raw)
     raw["online"]["sampling"]["max_tokens"] = 256
     assert TrainConfig.model_validate(raw).online.users[0].persona_params("detailed") == {"min_words": 120}
+
+
+def _nested_models(annotation, in_list: bool = False):
+    """(path suffix, model) for each pydantic model an annotation holds, directly, optionally or as list items."""
+    if get_origin(annotation) is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [("[]" if in_list else "", annotation)]
+    in_list = in_list or get_origin(annotation) is list
+    return [found for arg in get_args(annotation) for found in _nested_models(arg, in_list)]
+
+
+def _walk(model, prefix: str = "", models: set | None = None) -> dict:
+    """Every field of ``model`` and of every model nested in it, by dotted path, each parent before its fields."""
+    fields = {}
+    for name, info in model.model_fields.items():
+        fields[prefix + name] = info
+        for suffix, sub in _nested_models(info.annotation):
+            if models is not None:
+                models.add(sub)
+            fields.update(_walk(sub, f"{prefix}{name}{suffix}.", models))
+    return fields
+
+
+def test_every_config_field_is_documented_in_the_schema():
+    models: set = set()
+    fields = _walk(TrainConfig, models=models)
+    assert {ExtractConfig, Resources, UserSpec, JudgeSettings} <= models
+    assert "data.extract.max_line_bytes" in fields and "online.users[].personas" in fields
+    assert [path for path, info in fields.items() if not (info.description or "").strip()] == []
+    schema = TrainConfig.model_json_schema()
+    assert set(schema["$defs"]) == {m.__name__ for m in models}  # the walk reached every model of the schema
+    blocks = [("TrainConfig", schema), *schema["$defs"].items()]
+    undocumented = [f"{model}.{key}" for model, block in blocks for key, prop in block["properties"].items()
+                    if not prop.get("description", "").strip()]
+    assert undocumented == []
+    distinct = {id(info) for info in fields.values()}  # a model used in several places (Resources) counts once
+    assert sum(len(block["properties"]) for _, block in blocks) == len(distinct)
+    rows = field_docs()
+    assert [row[0] for row in rows] == list(fields) and len(rows) == len(fields)
+    assert all(row[1] and row[2] and row[3] for row in rows)
+    assert dict((row[0], row[2]) for row in rows)["ray.user.num_cpus"] == "0.0"  # a nested block's own default

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from rayuid.config import EngineSettings, SamplingSettings
-from rayuid.models import load_causal_lm
-from rayuid.scoring import collate, response_logprobs
-from rayuid.weights import pack_state_dict
+from rayuid.sdpo.models import load_causal_lm
+from rayuid.sdpo.scoring import collate, response_logprobs
+from rayuid.sdpo.weights import pack_state_dict
 
 pytestmark = pytest.mark.slow
 SETTINGS = EngineSettings(max_model_len=1024, kv_cache_memory_bytes=64 << 20)
@@ -17,7 +17,7 @@ PROMPTS = [[1, 40, 41, 42], [1, 60, 61]]
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    from rayuid.engine import VllmEngine
+    from rayuid.system.engine import VllmEngine
 
     return VllmEngine(tiny_model_dir, SETTINGS, enable_lora=True, seed=0)
 
@@ -81,10 +81,10 @@ def test_lora_version_is_served_under_a_new_request(engine, tiny_model_dir):
 
 
 def test_each_user_is_served_their_own_newest_adapter(engine, tiny_model_dir, tiny_tokenizer):
-    from rayuid.adapters import UserAdapters
     from rayuid.config import TrainConfig
-    from rayuid.engine import UnknownUserError
-    from rayuid.templates import ScoringPair
+    from rayuid.data.templates import ScoringPair
+    from rayuid.personal.adapters import UserAdapters
+    from rayuid.system.engine import UnknownUserError
 
     cfg = TrainConfig.model_validate({"model": {"name": tiny_model_dir, "lora": {"r": 4, "alpha": 8}},
                                       "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "schedule": "constant"}})
@@ -123,7 +123,7 @@ def test_chat_returns_text(engine):
 
 
 def test_llm_user_simulator_on_a_real_engine(engine):
-    from rayuid.users import LLMUserSimulator, make_persona
+    from rayuid.feedback.users import LLMUserSimulator, make_persona
 
     user = LLMUserSimulator(make_persona("concise"), engine.chat, max_tokens=8, temperature=0.0)
     followups = user.respond(["Tell me about Paris."], ["Paris is the capital of France."])
@@ -132,7 +132,7 @@ def test_llm_user_simulator_on_a_real_engine(engine):
 
 
 def test_engine_that_cannot_start_says_what_to_change(tmp_path):
-    from rayuid.engine import EngineStartError, VllmEngine
+    from rayuid.system.engine import EngineStartError, VllmEngine
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(EngineStartError, match="ray.vllm"):
@@ -150,7 +150,7 @@ def test_lora_scoring_failure_names_the_workaround(engine, monkeypatch):
 
 
 def test_judge_skips_what_does_not_fit_and_counts_it(engine):
-    from rayuid.actors.judge import JudgeWorker
+    from rayuid.system.actors.judge import JudgeWorker
 
     judge = JudgeWorker.__new__(JudgeWorker)  # the actor body around this module's engine (no second engine)
     judge.engine, judge.max_tokens, judge.limit, judge.judged, judge.too_long = engine, 4, 1020, 0, 0
@@ -163,8 +163,8 @@ def test_tied_lm_head_follows_the_published_embedding(tmp_path, tiny_llama_dir):
     """A tied LM head must be published under its own name too: given the embedding alone, vLLM's layerwise reload
     ("ParallelLMHead: Failed to load weights") puts the old head back (measured 0.5 nats off). The name shares the
     embedding's slot of the buffer, so it costs no bytes."""
-    from rayuid.engine import VllmEngine
-    from rayuid.models import load_tokenizer
+    from rayuid.sdpo.models import load_tokenizer
+    from rayuid.system.engine import VllmEngine
 
     model = load_causal_lm(tiny_llama_dir)
     model.config.tie_word_embeddings = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rayuid.evaluation import eval_point, table, write_curve
+from rayuid.system.evaluation import eval_point, table, write_curve
 
 
 def test_eval_point_for_a_checkable_persona():
@@ -38,7 +38,7 @@ def test_table_and_curve(tmp_path):
 def test_the_in_context_oracle_is_a_table_column_and_a_dashed_line(tmp_path):
     import json
 
-    from rayuid.prompts import Prompt, with_system_prompt
+    from rayuid.data.prompts import Prompt, with_system_prompt
 
     base = ["word " * 60, "word " * 70]
     points = [eval_point("concise", {}, 0, 0, base, base), eval_point("concise", {}, 16, 2, base, ["ok", "word " * 80])]
@@ -55,7 +55,7 @@ def test_the_in_context_oracle_is_a_table_column_and_a_dashed_line(tmp_path):
 
 
 def test_apologies_are_counted_as_a_quality_guard():
-    from rayuid.judges import apologizes
+    from rayuid.feedback.judges import apologizes
 
     yes = ["I'm sorry for the misunderstanding.", "Sure. I apologize, here it is", "My apologies! HTTP is..."]
     no = ["HTTP is plain, HTTPS is encrypted.", "Nobody is sorry here" + " x" * 80 + " I'm sorry"]

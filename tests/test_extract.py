@@ -11,9 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rayuid.data import ExtractConfig, ExtractReport, Interaction, NoInteractionsError, extract_interactions
-from rayuid.data import conversation_filter, conversation_interactions, load_interactions, normalise_conversation
-from rayuid.data import run_extract
+from rayuid.data import (
+    ExtractConfig,
+    ExtractReport,
+    Interaction,
+    NoInteractionsError,
+    conversation_filter,
+    conversation_interactions,
+    extract_interactions,
+    load_interactions,
+    normalise_conversation,
+    run_extract,
+)
 
 U, A, S = "user", "assistant", "system"
 MTBENCH = Path("/work/shared/data/external/mt_bench_101/mtbench101.jsonl")

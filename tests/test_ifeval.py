@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rayuid import ifeval
+from rayuid.feedback import ifeval
 
 IFEVAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "external" / "ifeval"
 needs_data = pytest.mark.skipif(not (IFEVAL_DIR / "input_data.jsonl").is_file(),

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from rayuid.judges import (
+from rayuid.feedback.judges import (
     CHECKABLE_PERSONAS,
     WinRate,
     adherence,
@@ -18,7 +18,7 @@ from rayuid.judges import (
     verify,
     win_rate,
 )
-from rayuid.users import PERSONAS
+from rayuid.feedback.users import PERSONAS
 
 FAMILY = "\U0001F468\u200D\U0001F469\u200D\U0001F467"  # one ZWJ family emoji (3 people, 2 joiners)
 PERSONA = PERSONAS["concise"].description

@@ -8,7 +8,7 @@ import torch
 
 from rayuid.config import TrainConfig
 from rayuid.data.extract import Interaction
-from rayuid.templates import build_pair
+from rayuid.data.templates import build_pair
 
 FOLLOWUPS = ["Too long, one sentence please.", "Thanks, perfect!", "Please be more formal.", "No emojis please."]
 RAY_TIMEOUT_S = 120
@@ -41,7 +41,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture()
 def process_group():
-    from rayuid import fsdp
+    from rayuid.system import learner as fsdp
 
     fsdp.init_distributed(0, 1, "127.0.0.1", fsdp.free_port(), backend="gloo")
     yield
@@ -50,7 +50,7 @@ def process_group():
 
 def _reference_teacher_rows(model, batch, teacher, cfg: TrainConfig, pad_id: int) -> list[list[float]]:
     """The live teacher's log-probs, scored in the same micro-batches train_batch uses (same padding)."""
-    from rayuid.step import score_teacher
+    from rayuid.sdpo.step import score_teacher
 
     rows = []
     mb = cfg.optim.micro_batch_size
@@ -64,30 +64,30 @@ def _reference_teacher_rows(model, batch, teacher, cfg: TrainConfig, pad_id: int
 @pytest.mark.parametrize("teacher", ["live", "ema"])
 def test_one_rank_train_step_equals_the_offline_trainer(process_group, tiny_model_dir, tiny_tokenizer, teacher):
     """live: teacher log-probs handed in (as from vLLM); ema: scored in the learner with the sharded EMA teacher."""
-    from rayuid import trainer
-    from rayuid.fsdp import FsdpLearner
-    from rayuid.step import length_order
-    from rayuid.teacher import TeacherWeights
+    from rayuid.sdpo import models, optim, step
+    from rayuid.sdpo.step import length_order
+    from rayuid.sdpo.teacher_weights import TeacherWeights
+    from rayuid.system.learner import FsdpLearner
 
     torch.set_num_threads(1)
     cfg = TrainConfig.model_validate(_config(tiny_model_dir, teacher={"weights": teacher, "ema_rate": 0.5}))
     pairs, pad = _pairs(tiny_tokenizer, 4), tiny_tokenizer.pad_token_id
-    pairs = [pairs[i] for i in length_order(pairs)]  # as the driver hands them over (rayuid.phases.learn)
+    pairs = [pairs[i] for i in length_order(pairs)]  # as the driver hands them over (rayuid.system.phases.learn)
     learner = FsdpLearner(cfg, rank=0, world_size=1, total_steps=4)
-    ref = trainer.build_model(cfg, None)
+    ref = models.build_model(cfg, None)
     initial = {k: v.clone() for k, v in ref.state_dict().items()}
-    optimizer, scheduler = trainer.build_optimizer(ref, cfg, 4)
+    optimizer, scheduler = optim.build_optimizer(ref, cfg, 4)
     ref_teacher = TeacherWeights(ref, teacher, cfg.teacher.ema_rate)
     for _ in range(2):
         rows = _reference_teacher_rows(ref, pairs, ref_teacher, cfg, pad) if teacher == "live" else None
         metrics = learner.train_step(pairs, rows, global_batch_size=len(pairs))
-        sums = trainer.train_batch(ref, pairs, ref_teacher, cfg, pad)
-        grad_norm = trainer.optimizer_step(ref, optimizer, scheduler, cfg.optim.max_grad_norm)
+        sums = step.train_batch(ref, pairs, ref_teacher, cfg, pad)
+        grad_norm = optim.optimizer_step(ref, optimizer, scheduler, cfg.optim.max_grad_norm)
         ref_teacher.after_step()
         assert abs(metrics["loss"] - sums["loss"]) < 1e-6 and abs(metrics["grad_norm"] - grad_norm) < 1e-5
         assert metrics["tokens"] == sums["tokens"] and metrics["interactions"] == 4
     exported = learner.export_weights(version=2)
-    from rayuid.weights import unflatten
+    from rayuid.sdpo.weights import unflatten
 
     weights = unflatten(exported)
     assert exported.kind == "full" and exported.version == 2
@@ -96,7 +96,7 @@ def test_one_rank_train_step_equals_the_offline_trainer(process_group, tiny_mode
 
 
 def test_bad_teacher_rows_are_rejected_before_any_collective(process_group, tiny_model_dir, tiny_tokenizer):
-    from rayuid.fsdp import FsdpLearner
+    from rayuid.system.learner import FsdpLearner
 
     learner = FsdpLearner(TrainConfig.model_validate(_config(tiny_model_dir)), rank=0, world_size=1, total_steps=2)
     pairs = _pairs(tiny_tokenizer, 2)
@@ -108,7 +108,7 @@ def test_bad_teacher_rows_are_rejected_before_any_collective(process_group, tiny
 
 
 def test_rendezvous_timeout_says_what_to_check():
-    from rayuid import fsdp
+    from rayuid.system import learner as fsdp
 
     with pytest.raises(fsdp.DistributedSetupError, match="were started"):
         fsdp.init_distributed(0, 2, "127.0.0.1", fsdp.free_port(), backend="gloo", timeout_s=1)
@@ -116,7 +116,7 @@ def test_rendezvous_timeout_says_what_to_check():
 
 
 def test_backend_errors_say_how_to_fix():
-    from rayuid.fsdp import DistributedSetupError, resolve_backend
+    from rayuid.system.learner import DistributedSetupError, resolve_backend
 
     assert resolve_backend("gloo") == "gloo"
     if not torch.cuda.is_available():
@@ -136,7 +136,7 @@ def ray_cluster():
 
 
 def _group(ray, cfg_json: dict, world_size: int, total_steps: int = 5) -> list:
-    from rayuid.actors.learner import LearnerWorker
+    from rayuid.system.actors.learner import LearnerWorker
 
     worker = ray.remote(num_cpus=0.5)(LearnerWorker)
     actors = [worker.remote(cfg_json, rank, world_size, total_steps) for rank in range(world_size)]
@@ -170,7 +170,7 @@ def _step(ray, actors: list, batch: list, rows: list | None, first: int | None =
 
 
 def _export(ray, actors: list, version: int):
-    from rayuid.weights import unflatten
+    from rayuid.sdpo.weights import unflatten
 
     outs = _call(ray, actors, "export_weights", version)
     assert set(outs[0]) == {"ref", "checksum", "bytes", "export_s", "put_s"} and all(not x for x in outs[1:])
@@ -184,9 +184,9 @@ def _export(ray, actors: list, version: int):
 def full_runs(ray_cluster, tiny_model_dir, tiny_tokenizer, tmp_path_factory):
     """The same 5 steps on 2 ranks and on 1 rank: steps 1-2 with teacher log-probs handed in, 3-4 scored in the
     learner with an EMA teacher, 5 split unevenly. The 2-rank group also checkpoints after step 1."""
-    from rayuid.models import load_causal_lm
-    from rayuid.step import score_teacher
-    from rayuid.teacher import TeacherWeights
+    from rayuid.sdpo.models import load_causal_lm
+    from rayuid.sdpo.step import score_teacher
+    from rayuid.sdpo.teacher_weights import TeacherWeights
 
     ray, pairs = ray_cluster, _pairs(tiny_tokenizer, 8)
     base = load_causal_lm(tiny_model_dir)
@@ -246,10 +246,10 @@ def test_lora_export_loads_into_peft_and_reproduces_the_learner(ray_cluster, tin
                                                                  tmp_path):
     from peft import PeftModel
 
-    from rayuid.models import load_causal_lm
-    from rayuid.scoring import response_logprobs
-    from rayuid.step import student_batch
-    from rayuid.weights import write_adapter
+    from rayuid.sdpo.models import load_causal_lm
+    from rayuid.sdpo.scoring import response_logprobs
+    from rayuid.sdpo.step import student_batch
+    from rayuid.sdpo.weights import write_adapter
 
     ray, pairs = ray_cluster, _pairs(tiny_tokenizer, 4)
     cfg = _config(tiny_model_dir, model={"name": tiny_model_dir, "lora": {"r": 4, "alpha": 8}})
@@ -270,7 +270,7 @@ def test_lora_export_loads_into_peft_and_reproduces_the_learner(ray_cluster, tin
 
 def test_learner_actor_says_to_call_setup_first(monkeypatch, tiny_model_dir):
     from rayuid import logs
-    from rayuid.actors.learner import LearnerWorker
+    from rayuid.system.actors.learner import LearnerWorker
 
     monkeypatch.setattr(logs, "configure", lambda *a: None)  # leave this test process's logging alone
     worker = LearnerWorker(_config(tiny_model_dir), rank=0, world_size=1, total_steps=1)

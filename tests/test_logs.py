@@ -39,7 +39,7 @@ def test_quiet_warnings_are_one_line(monkeypatch):
 
 
 def test_actors_get_the_allocator_setting_unless_overridden(monkeypatch):
-    from rayuid.actors.spawn import ACTOR_ENV, ALLOCATOR_ENV, actor_env
+    from rayuid.system.actors.spawn import ACTOR_ENV, ALLOCATOR_ENV, actor_env
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)

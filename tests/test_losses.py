@@ -1,4 +1,4 @@
-"""Numerical tests for rayuid.losses / rayuid.logprobs (float64 on CPU unless testing dtypes)."""
+"""Numerical tests for rayuid.sdpo.losses / rayuid.sdpo.logprobs (float64 on CPU unless testing dtypes)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rayuid.losses import (
+from rayuid.sdpo.losses import (
     SampledTokenOptions,
     distribution_loss,
     ema_update_,

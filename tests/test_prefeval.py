@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from rayuid import judges, prefeval
-from rayuid.prompts import load_prompts
-from rayuid.users import make_persona, make_simulator
+from rayuid.data.prompts import load_prompts
+from rayuid.feedback import judges, prefeval
+from rayuid.feedback.users import make_persona, make_simulator
 
 
 def test_a_stated_preference_is_an_llm_persona_with_its_topic_questions(shared_data):

@@ -33,10 +33,10 @@ def _run_and_sigkill(cfg, actor: str, after_steps: int, run=None) -> tuple[dict,
     the actor named ``{tag}-{actor}*``."""
     import ray
 
-    from rayuid.actors.spawn import run_tag
+    from rayuid.system.actors.spawn import run_tag
 
     if run is None:
-        from rayuid.driver import run
+        from rayuid.system.driver import run
 
     killed = {}
 
@@ -56,7 +56,7 @@ def _run_and_sigkill(cfg, actor: str, after_steps: int, run=None) -> tuple[dict,
 
 
 def test_online_run_is_on_policy_and_trains_each_interaction_once(local_ray, tmp_path, tiny_model_dir):
-    from rayuid.driver import run
+    from rayuid.system.driver import run
 
     cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.heldout_prompts=4", "online.eval_every=2")
     summary = run(cfg)
@@ -96,7 +96,7 @@ def _assert_checkpoint_loads(checkpoint: str) -> None:
 
 
 def test_max_staleness_one_overlaps_generation(local_ray, tmp_path, tiny_model_dir):
-    from rayuid.driver import run
+    from rayuid.system.driver import run
 
     cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.max_staleness=1", "online.steps=4")
     summary = run(cfg)
@@ -108,8 +108,8 @@ def test_max_staleness_one_overlaps_generation(local_ray, tmp_path, tiny_model_d
 
 def test_offline_run_on_extracted_interactions(local_ray, tmp_path, tiny_model_dir):
     from rayuid.data.extract import run_extract
-    from rayuid.driver import run
-    from rayuid.trainer import data_paths
+    from rayuid.data.pairs import data_paths
+    from rayuid.system.driver import run
 
     out = tmp_path / "interactions.jsonl"
     run_extract(data_paths(["rayuid:sample"]), str(out))
@@ -137,9 +137,9 @@ def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer)
     """After a learner step and a publish, every engine's log-probs equal the learner's (fp32, 1e-4) and moved."""
     import ray
 
-    from rayuid.actors.spawn import build_system
     from rayuid.data.extract import Interaction
-    from rayuid.templates import build_pair
+    from rayuid.data.templates import build_pair
+    from rayuid.system.actors.spawn import build_system
 
     cfg = _smoke(tmp_path / "run", tiny_model_dir, "ray.rollout_workers=1", "ray.teacher_workers=1",
                  "ray.engine.num_cpus=0.4", "ray.learner.num_cpus=0.4")
@@ -158,7 +158,7 @@ def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer)
         sampled = ray.get(system.engines["engine0"].generate.remote([pairs[0].student_prompt],
                                                                      {"max_tokens": 8}, 3))[0][0]
         assert sampled.version == 1
-        from rayuid.templates import ScoringPair
+        from rayuid.data.templates import ScoringPair
 
         replay = ScoringPair("r", pairs[0].student_prompt, pairs[0].teacher_prompt, sampled.token_ids)
         replay_lp = ray.get(system.learners[0].response_logprobs.remote([replay]))[0]
@@ -174,7 +174,7 @@ def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer)
 
 
 def test_resume_restores_version_ledger_and_data_position(local_ray, tmp_path, tiny_model_dir):
-    from rayuid.driver import run
+    from rayuid.system.driver import run
 
     first = run(_smoke(tmp_path / "run", tiny_model_dir, "online.steps=2", "checkpoint.every_steps=2"))
     assert first["final_version"] == 2
@@ -207,7 +207,7 @@ def test_lora_run_syncs_only_the_adapter(local_ray, tmp_path, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rayuid.driver import run
+    from rayuid.system.driver import run
 
     cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=2", "model.lora.r=4", "model.lora.alpha=8")
     summary = run(cfg)

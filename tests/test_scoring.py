@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rayuid.models import load_causal_lm
-from rayuid.scoring import collate, response_logits, response_logprobs
+from rayuid.sdpo.models import load_causal_lm
+from rayuid.sdpo.scoring import collate, response_logits, response_logprobs
 
 
 def _naive(model, prompt, response):

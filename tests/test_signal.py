@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from rayuid.models import load_causal_lm, load_tokenizer
-from rayuid.scoring import collate, response_logprobs
-from rayuid.signal import case_advantages, run_signal
-from rayuid.templates import hindsight_messages, render_prompt_ids
+from rayuid.data.templates import hindsight_messages, render_prompt_ids
+from rayuid.offline.signal import case_advantages, run_signal
+from rayuid.sdpo.models import load_causal_lm, load_tokenizer
+from rayuid.sdpo.scoring import collate, response_logprobs
 
 CASE = {"id": "demo", "tag": "constrain", "raw_prompt": "Tell me about Paris.",
         "unrelated_followup": "What is 27*4?", "feedback_followup": "Too long, one sentence please."}

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 
 from rayuid.data.extract import Interaction
-from rayuid.templates import (OFFLINE_TEMPLATE, PAPER_TEMPLATE, TemplateOptions, build_pair, hindsight_messages,
-                              render_prompt_ids, response_token_ids)
+from rayuid.data.templates import (
+    OFFLINE_TEMPLATE,
+    PAPER_TEMPLATE,
+    TemplateOptions,
+    build_pair,
+    hindsight_messages,
+    render_prompt_ids,
+    response_token_ids,
+)
 
 CONTEXT = [
     {"role": "system", "content": "Be helpful."},

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from rayuid.config import TrainConfig
-from rayuid.trainer import build_model, example_order, load_pairs, train, train_batch
-from rayuid.teacher import TeacherWeights
+from rayuid.data.pairs import example_order, load_pairs
+from rayuid.offline.trainer import train
+from rayuid.sdpo.models import build_model
+from rayuid.sdpo.step import train_batch
+from rayuid.sdpo.teacher_weights import TeacherWeights
 
 FOLLOWUPS = ["Too long, one sentence please.", "Thanks, perfect!", "Please be more formal.", "No emojis please."]
 
@@ -114,7 +117,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, tiny_model_dir, intera
     for mb, accum in ((4, 1), (2, 2), (1, 4)):
         cfg = _config(tmp_path, tiny_model_dir, interactions_file, optim={"micro_batch_size": mb, "grad_accum_steps": accum})
         model = build_model(cfg, None)
-        from rayuid.models import load_tokenizer
+        from rayuid.sdpo.models import load_tokenizer
 
         tok = load_tokenizer(tiny_model_dir)
         pairs, _ = load_pairs(cfg, tok)
@@ -126,8 +129,8 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, tiny_model_dir, intera
 
 
 def test_length_sorted_micro_batches_give_the_unsorted_gradient(tmp_path, tiny_model_dir, interactions_file):
-    from rayuid.models import load_tokenizer
-    from rayuid.step import length_order, micro_step
+    from rayuid.sdpo.models import load_tokenizer
+    from rayuid.sdpo.step import length_order, micro_step
 
     cfg = _config(tmp_path, tiny_model_dir, interactions_file, optim={"micro_batch_size": 2, "grad_accum_steps": 3})
     tok = load_tokenizer(tiny_model_dir)

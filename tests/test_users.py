@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from rayuid.actors.user import UserSimulatorWorker
-from rayuid.users import (
+from rayuid.feedback.users import (
     _SAY,
     GENERIC_FOLLOWUP,
     MAX_FOLLOWUP_CHARS,
@@ -30,6 +29,7 @@ from rayuid.users import (
     user_model_messages,
     word_count,
 )
+from rayuid.system.actors.user import UserSimulatorWorker
 
 RULE_PERSONAS = ["concise", "detailed", "no_emojis", "formal", "casual", "no_lists", "answer_directly", "no_filler",
                  "pirate", "all_caps"]
@@ -169,7 +169,7 @@ def test_phrasing_is_deterministic_and_varies_across_replies():
 
 
 def test_phrasing_does_not_depend_on_the_process_hash_seed():
-    code = "from rayuid.users import PERSONAS; print(PERSONAS['formal'].rule('q', \"Don't! v%d\" % 7))"
+    code = "from rayuid.feedback.users import PERSONAS; print(PERSONAS['formal'].rule('q', \"Don't! v%d\" % 7))"
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert outs == {PERSONAS["formal"].rule("q", "Don't! v7") + "\n"}

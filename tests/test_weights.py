@@ -1,4 +1,4 @@
-"""One published version = one flat buffer + an index (rayuid.weights): layout, casts, reuse, checks."""
+"""One published version = one flat buffer + an index (rayuid.sdpo.weights): layout, casts, reuse, checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from rayuid.weights import ALIGN, FlatPacker, checksum, pack_state_dict, plan_layout, unflatten, verify, write_adapter
+from rayuid.sdpo.weights import (
+    ALIGN,
+    FlatPacker,
+    checksum,
+    pack_state_dict,
+    plan_layout,
+    unflatten,
+    verify,
+    write_adapter,
+)
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:

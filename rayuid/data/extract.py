@@ -33,16 +33,12 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from rayuid.config import ExtractConfig
 from rayuid.data.readers import (
     ROLES,
     RawRecord,
@@ -52,6 +48,7 @@ from rayuid.data.readers import (
     record_conversation_id,
     record_messages,
 )
+from rayuid.records.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,29 +75,6 @@ HINTS = {
     "non_text_part": "only text content parts are kept; images and other parts are dropped",
     "system_not_first": "only a leading system message is kept",
 }
-
-
-class ExtractConfig(BaseModel):
-    """Extraction filters and limits. The defaults are the paper's WildChat settings, minus the language filter."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-    min_messages: int = Field(3, ge=0)
-    """A conversation needs at least this many user/assistant messages after normalisation."""
-    max_conversation_chars: int = Field(100_000, ge=0)
-    """A conversation whose messages total more characters than this is dropped."""
-    max_assistant_chars: int | None = Field(4096, ge=0)
-    """A conversation with any longer assistant message is dropped. None disables the check."""
-    max_user_chars: int | None = Field(4096, ge=0)
-    """A conversation with any longer user message is dropped. None disables the check, as for WildFeedback."""
-    languages: list[str] | None = None
-    """Keep only records whose `language` field is in this list (case-insensitive), e.g. ["English", "en"]."""
-    max_context_messages: int = Field(5, ge=1)
-    """x keeps at most the last N user/assistant messages (a leading system message comes on top)."""
-    max_line_bytes: int = Field(10_000_000, ge=1)
-    """A .jsonl line larger than this is rejected as line_too_large and never held in memory whole."""
-    max_conversations: int | None = Field(None, ge=1)
-    """Stop after reading this many records across all inputs."""
 
 
 DEFAULT_CONFIG = ExtractConfig()
@@ -360,27 +334,13 @@ def run_extract(
         interactions, result = extract_interactions(inputs, config)
     except NoInteractionsError as e:
         if report and e.report is not None:
-            _write_atomic(report, [json.dumps(e.report.to_json(), indent=2, ensure_ascii=False) + "\n"])
+            write_atomic(report, [json.dumps(e.report.to_json(), indent=2, ensure_ascii=False) + "\n"])
         raise
-    _write_atomic(out, (json.dumps(i.to_json(), ensure_ascii=False) + "\n" for i in interactions))
+    write_atomic(out, (json.dumps(i.to_json(), ensure_ascii=False) + "\n" for i in interactions))
     if report:
-        _write_atomic(report, [json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n"])
+        write_atomic(report, [json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n"])
     log.info("%s", result.summary())
     return result
-
-
-def _write_atomic(path: str, chunks: Iterable[str]) -> None:
-    """Write via a temp file and rename, so a crash never leaves a half-written OUT that looks complete."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(chunks)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 LOAD_CONFIG = ExtractConfig(

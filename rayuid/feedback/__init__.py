@@ -1,0 +1,1 @@
+"""Where follow-ups and verdicts come from: simulated users, judges, IFEval, personas."""

@@ -1,0 +1,1 @@
+"""The single-process offline trainer loop and the signal analysis."""

@@ -1,0 +1,1 @@
+"""What a run leaves behind: checkpoints (one atomic-folder helper), the ledger, the metrics log, plots."""
