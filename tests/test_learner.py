@@ -41,11 +41,11 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture()
 def process_group():
-    from rayuid.system import learner as fsdp
+    from rayuid.system import learner as sharded
 
-    fsdp.init_distributed(0, 1, "127.0.0.1", fsdp.free_port(), backend="gloo")
+    sharded.init_distributed(0, 1, "127.0.0.1", sharded.free_port(), backend="gloo")
     yield
-    fsdp.destroy()
+    sharded.destroy()
 
 
 def _reference_teacher_rows(model, batch, teacher, cfg: TrainConfig, pad_id: int) -> list[list[float]]:
@@ -108,11 +108,11 @@ def test_bad_teacher_rows_are_rejected_before_any_collective(process_group, tiny
 
 
 def test_rendezvous_timeout_says_what_to_check():
-    from rayuid.system import learner as fsdp
+    from rayuid.system import learner as sharded
 
-    with pytest.raises(fsdp.DistributedSetupError, match="were started"):
-        fsdp.init_distributed(0, 2, "127.0.0.1", fsdp.free_port(), backend="gloo", timeout_s=1)
-    fsdp.destroy()
+    with pytest.raises(sharded.DistributedSetupError, match="were started"):
+        sharded.init_distributed(0, 2, "127.0.0.1", sharded.free_port(), backend="gloo", timeout_s=1)
+    sharded.destroy()
 
 
 def test_backend_errors_say_how_to_fix():

@@ -36,7 +36,7 @@ from rayuid.sdpo.scoring import response_logprobs as score_response_logprobs
 from rayuid.sdpo.step import autocast, score_teacher, sdpo_objective, student_batch
 from rayuid.sdpo.teacher_weights import TeacherWeights
 from rayuid.sdpo.weights import FlatPacker, WeightsBlob, jsonable, pack_state_dict
-from rayuid.system import learner_checkpoint as fsdp_checkpoint
+from rayuid.system import learner_checkpoint
 
 PHASE_KEYS = ("teacher_s", "student_s", "optim_s", "seconds")
 COUNT_KEYS = ("tokens", "tokens_processed", "interactions")
@@ -342,8 +342,8 @@ class FsdpLearner:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: str | Path, extra: dict) -> str:
         """Resumable sharded state (DCP) + an HF folder in ``path/hf``; written atomically. Returns the path."""
-        return str(fsdp_checkpoint.save(self, Path(path), extra))
+        return str(learner_checkpoint.save(self, Path(path), extra))
 
     def load_checkpoint(self, path: str | Path) -> dict:
         """Restore a ``save_checkpoint`` folder (any world size); returns the driver's ``extra``."""
-        return fsdp_checkpoint.load(self, Path(path))
+        return learner_checkpoint.load(self, Path(path))

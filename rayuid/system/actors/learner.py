@@ -17,7 +17,7 @@ import torch
 from rayuid import logs, precision
 from rayuid.config import TrainConfig
 from rayuid.data.templates import ScoringPair
-from rayuid.system import learner as fsdp
+from rayuid.system import learner as sharded
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class LearnerWorker:
         if threads:
             torch.set_num_threads(threads)
         self.rank, self.world_size, self.total_steps = rank, world_size, total_steps
-        self._learner: fsdp.FsdpLearner | None = None
+        self._learner: sharded.FsdpLearner | None = None
         log.info("learner%d: %s, %d threads", rank, precision.model_report(self.cfg), torch.get_num_threads())
 
     def precision(self) -> dict:
@@ -49,19 +49,19 @@ class LearnerWorker:
         return ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        return fsdp.free_port()
+        return sharded.free_port()
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group, then build and shard the model (both collective across the group)."""
         settings = self.cfg.ray
         backend = settings.backend if settings else "auto"
         timeout = settings.sync_timeout_s if settings else 300.0
-        used = fsdp.init_distributed(self.rank, self.world_size, master_addr, master_port, backend, timeout)
-        self._learner = fsdp.FsdpLearner(self.cfg, self.rank, self.world_size, self.total_steps)
+        used = sharded.init_distributed(self.rank, self.world_size, master_addr, master_port, backend, timeout)
+        self._learner = sharded.FsdpLearner(self.cfg, self.rank, self.world_size, self.total_steps)
         return {"rank": self.rank, "world_size": self.world_size, "backend": used}
 
     @property
-    def learner(self) -> fsdp.FsdpLearner:
+    def learner(self) -> sharded.FsdpLearner:
         if self._learner is None:
             raise RuntimeError("LearnerWorker.setup(master_addr, master_port) must run on every rank first")
         return self._learner
@@ -93,4 +93,4 @@ class LearnerWorker:
 
     def shutdown(self) -> None:
         """Leave the process group (before the actor is killed or the group is rebuilt)."""
-        fsdp.destroy()
+        sharded.destroy()
