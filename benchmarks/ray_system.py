@@ -2,12 +2,14 @@
 
     python benchmarks/ray_system.py [--steps 4] [--out runs/bench/ray_system.json] [--only publish,scoring,e2e]
 
-1. publish  — seconds per weight version (learner export → one object → engine reload), split into export, put,
-              transfer and vLLM's reload, next to one memcpy of the same bytes (into fresh and into touched
-              memory) and next to restarting a vLLM engine from a saved checkpoint.
+1. publish  — seconds per weight version through the object store (learner export → one object → engine reload,
+              split into export, put, transfer and vLLM's reload) and through vLLM's weight-transfer API
+              (ray.weight_transfer=collective: gloo here, NCCL on GPUs), next to one memcpy of the same bytes (into
+              fresh and into touched memory) and next to restarting a vLLM engine from a saved checkpoint.
 2. scoring  — teacher tokens/s: one vLLM prefill (prompt_logprobs) vs a transformers no-grad forward, same batch.
-3. e2e      — (and e2e_stale1: with online.max_staleness=1) online SDPO interactions/s (rule-based 'concise' user): the Ray system vs a single-process loop doing
-              what the official code does (HF generate, no-grad teacher forward, student forward/backward).
+3. e2e      — (and e2e_stale1: with online.max_staleness=1) online SDPO interactions/s (rule-based 'concise'
+              user): the Ray system vs a single-process loop doing what the official code does (HF generate,
+              no-grad teacher forward, student forward/backward).
 """
 
 from __future__ import annotations
@@ -32,29 +34,37 @@ def _cfg(run_dir: str, steps: int, *extra: str):
                              "checkpoint.save_final=false", *extra])
 
 
-def bench_publish(repeats: int = 3) -> dict:
-    """Seconds per version, split into export (gather + cast/pack), put, transfer and engine reload, next to one
-    memcpy of the same bytes into fresh memory, measured in the same process and run."""
+def _publish_seconds(cfg, repeats: int) -> tuple[dict, str]:
+    """The fastest of ``repeats`` publishes (after a warm-up one) and the engines' dtype."""
     import ray
 
-    from rayuid.sdpo.models import load_causal_lm, load_tokenizer, resolve_model
     from rayuid.system.actors.spawn import build_system
+
+    system = build_system(cfg, total_steps=1)
+    try:
+        ray.get(system.sync.publish.remote())  # warm-up: the pack buffer, the transfer group, the first reload
+        reports = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            reports.append(dict(ray.get(system.sync.publish.remote()), wall_s=time.perf_counter() - t))
+    finally:
+        system.shutdown()
+    return min(reports, key=lambda r: r["wall_s"]), system.precision["engine0"]["dtype"]
+
+
+def bench_publish(repeats: int = 3) -> dict:
+    """Seconds per version through each transport (object store: export, put, transfer and engine reload apart;
+    collective: vLLM's weight-transfer API over gloo), next to one memcpy of the same bytes, in the same run."""
+    from rayuid.sdpo.models import load_causal_lm, load_tokenizer, resolve_model
     from rayuid.system.engine import VllmEngine
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _cfg(tmp, 1)
-        system = build_system(cfg, total_steps=1)
-        try:
-            ray.get(system.sync.publish.remote())  # warm-up: the pack buffer and the engine's first reload
-            reports = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                reports.append(dict(ray.get(system.sync.publish.remote()), wall_s=time.perf_counter() - t))
-        finally:
-            system.shutdown()
+        cfg = _cfg(tmp, 1, "ray.weight_transfer=object_store")
+        best, dtype = _publish_seconds(cfg, repeats)
+        collective, _ = _publish_seconds(_cfg(tmp, 1, "ray.weight_transfer=collective"), repeats)
         path = resolve_model(cfg.model.name)
         model = load_causal_lm(path)
-        memcpy_s, memcpy_warm_s = _memcpy(best_bytes := reports[0]["bytes"], repeats)
+        memcpy_s, memcpy_warm_s = _memcpy(best["bytes"], repeats)
         model.save_pretrained(Path(tmp) / "ckpt")
         load_tokenizer(path).save_pretrained(Path(tmp) / "ckpt")
         t = time.perf_counter()
@@ -62,11 +72,13 @@ def bench_publish(repeats: int = 3) -> dict:
         engine.score([[1, 2, 3]], [[4, 5]])
         restart_s = time.perf_counter() - t
         del engine
-    best = min(reports, key=lambda r: r["wall_s"])
     parts = {k: best[k] for k in ("export_s", "put_s", "transfer_s", "reload_s")}
-    return {"bytes": best_bytes, "dtype": system.precision["engine0"]["dtype"], "publish_s": best["wall_s"],
-            **parts, "memcpy_s": memcpy_s, "memcpy_warm_s": memcpy_warm_s, "engine_restart_s": restart_s,
-            "publish_over_memcpy": best["wall_s"] / memcpy_s, "publish_over_warm_memcpy": best["wall_s"] / memcpy_warm_s,
+    return {"bytes": best["bytes"], "dtype": dtype, "publish_s": best["wall_s"], **parts,
+            "collective_publish_s": collective["wall_s"], "collective_export_s": collective["export_s"],
+            "memcpy_s": memcpy_s, "memcpy_warm_s": memcpy_warm_s, "engine_restart_s": restart_s,
+            "publish_over_memcpy": best["wall_s"] / memcpy_s,
+            "collective_over_memcpy": collective["wall_s"] / memcpy_s,
+            "publish_over_warm_memcpy": best["wall_s"] / memcpy_warm_s,
             "restart_over_publish": restart_s / best["wall_s"]}
 
 

@@ -159,3 +159,26 @@ def test_every_config_field_is_documented_in_the_schema():
     assert [row[0] for row in rows] == list(fields) and len(rows) == len(fields)
     assert all(row[1] and row[2] and row[3] for row in rows)
     assert dict((row[0], row[2]) for row in rows)["ray.user.num_cpus"] == "0.0"  # a nested block's own default
+
+
+# Hub datasets the shipped jobs read that need more than a name (datasets 5.x; checked without downloading):
+# several configs → one must be named; a loading-script dataset → the hub's parquet conversion.
+MULTI_CONFIG = {"openai/summarize_from_feedback": {"comparisons", "axis"},
+                "microsoft/WildFeedback": {"wildfeedback", "sat_dsat_annotation", "user_preference"}}
+SCRIPT_DATASETS = {"openai/summarize_from_feedback"}
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_shipped_job_names_data_that_loads(path):
+    from rayuid.data.readers import as_source
+
+    cfg = load_config(path)
+    sources = (cfg.online.prompts if cfg.online is not None else []) + (cfg.data.paths if cfg.online is None else [])
+    for source in sources:
+        if isinstance(source, str) and source.startswith(("rayuid:", "prefeval:")):
+            continue
+        spec = as_source(source.model_dump() if not isinstance(source, str) else source)
+        if spec.name in MULTI_CONFIG:
+            assert spec.config in MULTI_CONFIG[spec.name], f"{path.name}: {spec.name} needs one of its configs"
+        if spec.name in SCRIPT_DATASETS:
+            assert spec.revision == "refs/convert/parquet", f"{path.name}: {spec.name} is a script dataset"

@@ -407,3 +407,29 @@ def test_property_file_path_matches_functions(conversations: list[list[dict]]) -
         found, report = extract_interactions([str(write_jsonl(Path(tmp) / "p.jsonl", records))], LOOSE)
     assert found == expected + [anchor]
     assert report.conversations_read == len(records) and report.interactions == len(found)
+
+
+def test_data_specs_carry_config_split_and_revision(tmp_path):
+    """A local dataset folder with two named configs (a README.md `configs:` block, as hub datasets declare them):
+    NAME:CONFIG:SPLIT and the mapping form read the named config; NAME:SPLIT keeps working for one-config data."""
+    from rayuid.config import DataSource
+    from rayuid.data.readers import as_source, iter_records, label
+
+    folder = tmp_path / "two_configs"
+    for cfg, rows in {"short": ["a", "b"], "long": ["c", "d", "e"]}.items():
+        (folder / cfg).mkdir(parents=True)
+        (folder / cfg / "train.jsonl").write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: short\n  data_files:\n  - split: train\n"
+                                      "    path: short/train.jsonl\n- config_name: long\n  data_files:\n"
+                                      "  - split: train\n    path: long/train.jsonl\n---\n")
+    assert as_source("org/name:cfg:test") == DataSource(name="org/name", config="cfg", split="test")
+    assert as_source("org/name:validation") == DataSource(name="org/name", split="validation")
+    assert as_source("org/name") == DataSource(name="org/name", split="train")
+    assert label(as_source("org/name:cfg:test")) == "org/name:cfg:test"
+    long_ = [r.value["prompt"] for r in iter_records(f"{folder}:long:train")]
+    assert long_ == ["c", "d", "e"]
+    mapped = [r.value["prompt"] for r in iter_records(DataSource(name=str(folder), config="short"))]
+    assert mapped == ["a", "b"]
+    assert next(iter(iter_records(f"{folder}:long:train"))).location == "two_configs:long:train[0]"
+    with pytest.raises(FileNotFoundError, match="NAME:CONFIG:SPLIT"):   # a hub name that cannot load (offline)
+        list(iter_records("rayuid-test-org/no-such-dataset:cfg:train"))

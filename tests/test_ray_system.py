@@ -121,8 +121,10 @@ def test_offline_run_on_extracted_interactions(local_ray, tmp_path, tiny_model_d
     _assert_checkpoint_loads(summary["checkpoint"])
 
 
-def test_engine_sigkill_mid_run_loses_and_repeats_nothing(local_ray, tmp_path, tiny_model_dir):
-    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=4")
+@pytest.mark.parametrize("transfer", ["object_store", "collective"])
+def test_engine_sigkill_mid_run_loses_and_repeats_nothing(local_ray, tmp_path, tiny_model_dir, transfer):
+    """collective: the restarted engine catches up through the object store, then the group is formed anew."""
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=4", f"ray.weight_transfer={transfer}")
     summary, killed_pid = _run_and_sigkill(cfg, "engine0", after_steps=1)
     assert killed_pid
     assert summary["steps_done"] == 4 and summary["interactions_trained"] == 16
@@ -133,16 +135,18 @@ def test_engine_sigkill_mid_run_loses_and_repeats_nothing(local_ray, tmp_path, t
     assert all(s["gen_version"] == s["score_version"] == s["step"] - 1 for s in _samples(cfg.run_dir))
 
 
-def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer):
-    """After a learner step and a publish, every engine's log-probs equal the learner's (fp32, 1e-4) and moved."""
+@pytest.mark.parametrize("transfer", ["object_store", "collective"])
+def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer, transfer):
+    """After a learner step and a publish, every engine's log-probs equal the learner's (fp32, 1e-4) and moved: two
+    rollout engines and a scoring engine, through the object store or vLLM's weight-transfer API (gloo here)."""
     import ray
 
     from rayuid.data.extract import Interaction
     from rayuid.data.templates import build_pair
     from rayuid.system.actors.spawn import build_system
 
-    cfg = _smoke(tmp_path / "run", tiny_model_dir, "ray.rollout_workers=1", "ray.teacher_workers=1",
-                 "ray.engine.num_cpus=0.4", "ray.learner.num_cpus=0.4")
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "ray.rollout_workers=2", "ray.teacher_workers=1",
+                 "ray.engine.num_cpus=0.4", "ray.learner.num_cpus=0.4", f"ray.weight_transfer={transfer}")
     pairs = [build_pair(tiny_tokenizer, Interaction(id=f"i{k}", conversation_id="c", turn=1,
                                                     context=[{"role": "user", "content": f"Question {k}?"}],
                                                     response="The quick brown fox jumps.", followup="Too long."))
@@ -155,14 +159,16 @@ def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer)
         published = ray.get(system.sync.publish.remote())
         assert published["version"] == 1 and set(published["engines"].values()) == {1}
         learner_lp = ray.get(system.learners[0].response_logprobs.remote(pairs))
-        sampled = ray.get(system.engines["engine0"].generate.remote([pairs[0].student_prompt],
-                                                                     {"max_tokens": 8}, 3))[0][0]
-        assert sampled.version == 1
+        assert system.transfer == transfer and set(system.rollout) == {"engine0", "engine1"}
         from rayuid.data.templates import ScoringPair
 
-        replay = ScoringPair("r", pairs[0].student_prompt, pairs[0].teacher_prompt, sampled.token_ids)
-        replay_lp = ray.get(system.learners[0].response_logprobs.remote([replay]))[0]
-        assert max(abs(a - b) for a, b in zip(sampled.logprobs, replay_lp)) < 1e-4
+        for name in system.rollout:
+            sampled = ray.get(system.engines[name].generate.remote([pairs[0].student_prompt],
+                                                                   {"max_tokens": 8}, 3))[0][0]
+            assert sampled.version == 1
+            replay = ScoringPair("r", pairs[0].student_prompt, pairs[0].teacher_prompt, sampled.token_ids)
+            replay_lp = ray.get(system.learners[0].response_logprobs.remote([replay]))[0]
+            assert max(abs(a - b) for a, b in zip(sampled.logprobs, replay_lp)) < 1e-4
         for name in system.teacher:
             after = ray.get(system.engines[name].score.remote(*args))
             assert after["version"] == 1
@@ -171,6 +177,61 @@ def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer)
                 assert max(abs(a - b) for a, b in zip(got, old)) > 1e-4
     finally:
         system.shutdown()
+
+
+def test_collective_publish_survives_an_engine_that_died_since_the_last(local_ray, tmp_path, tiny_model_dir,
+                                                                       tiny_tokenizer):
+    """The group was formed with an engine that is now dead: the publish fails part-way, falls back to the object
+    store for every engine (the restarted one included), and the engines serve the learner's weights (1e-4)."""
+    import os
+    import signal
+
+    import ray
+
+    from rayuid.data.templates import ScoringPair
+    from rayuid.system.actors.spawn import build_system
+
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "ray.rollout_workers=2", "ray.engine.num_cpus=0.5",
+                 "ray.learner.num_cpus=0.5", "ray.weight_transfer=collective")
+    system = build_system(cfg, total_steps=2)
+    try:
+        assert ray.get(system.sync.publish.remote())["version"] == 1                 # forms the group
+        os.kill(ray.get(system.engines["engine1"].pid.remote()), signal.SIGKILL)
+        prompt = _pairs(tiny_tokenizer, 1)[0].student_prompt
+        ray.get(system.learners[0].train_step.remote(_pairs(tiny_tokenizer, 4), None, 4))
+        published = ray.get(system.sync.publish.remote())
+        assert published["version"] == 2 and published["engines"] == {"engine0": 2, "engine1": 2}
+        for name in ("engine0", "engine1"):
+            sampled = ray.get(system.engines[name].generate.remote([prompt], {"max_tokens": 8}, 3))[0][0]
+            replay = ScoringPair("r", prompt, prompt, sampled.token_ids)
+            replay_lp = ray.get(system.learners[0].response_logprobs.remote([replay]))[0]
+            assert sampled.version == 2 and max(abs(a - b) for a, b in zip(sampled.logprobs, replay_lp)) < 1e-4
+        assert ray.get(system.sync.publish.remote())["version"] == 3                 # the group is formed anew
+    finally:
+        system.shutdown()
+
+
+def _pairs(tokenizer, n: int) -> list:
+    from rayuid.data.extract import Interaction
+    from rayuid.data.templates import build_pair
+
+    return [build_pair(tokenizer, Interaction(id=f"i{k}", conversation_id="c", turn=1,
+                                              context=[{"role": "user", "content": f"Question {k}?"}],
+                                              response="The quick brown fox jumps.", followup="Too long."))
+            for k in range(n)]
+
+
+def test_two_learner_ranks_publish_collectively_to_two_engines(local_ray, tmp_path, tiny_model_dir):
+    """Both FSDP ranks gather, rank 0 broadcasts to both engines; every sample is generated by the version before."""
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.steps=3", "ray.learners=2", "ray.rollout_workers=2",
+                 "ray.learner.num_cpus=0.4", "ray.engine.num_cpus=0.4", "ray.weight_transfer=collective",
+                 "checkpoint.every_steps=null")
+    from rayuid.system.driver import run
+
+    summary = run(cfg)
+    assert summary["weight_transfer"] == "collective" and summary["steps_done"] == 3
+    assert summary["final_version"] == 3 and summary["interactions_trained_twice"] == 0
+    assert all(s["gen_version"] == s["score_version"] == s["step"] - 1 for s in _samples(cfg.run_dir))
 
 
 def test_resume_restores_version_ledger_and_data_position(local_ray, tmp_path, tiny_model_dir):

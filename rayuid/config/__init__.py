@@ -8,6 +8,7 @@ from rayuid.config.job import ConfigError, TrainConfig, dump_config, field_docs,
 from rayuid.config.method import (
     CheckpointSettings,
     DataSettings,
+    DataSource,
     ExtractConfig,
     LoraSettings,
     LossSettings,
@@ -27,7 +28,7 @@ from rayuid.config.online import (
 from rayuid.config.system import EngineSettings, RaySettings, Resources
 
 __all__ = [
-    "USER_ID_PATTERN", "CheckpointSettings", "ConfigError", "DataSettings", "EngineSettings", "ExtractConfig",
+    "USER_ID_PATTERN", "CheckpointSettings", "ConfigError", "DataSettings", "DataSource", "EngineSettings", "ExtractConfig",
     "JudgeSettings", "LoraSettings", "LossSettings", "ModelSettings", "OnlineSettings", "OptimSettings",
     "RaySettings", "Resources", "SamplingSettings", "TeacherSettings", "TemplateSettings", "TrainConfig",
     "UserSettings", "UserSpec", "dump_config", "field_docs", "load_config", "parse_overrides",

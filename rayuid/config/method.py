@@ -60,9 +60,25 @@ class ModelSettings(StrictModel):
     """None = full fine-tuning (the paper's setting); a block = PEFT LoRA adapter."""
 
 
+class DataSource(StrictModel):
+    """A dataset as ``datasets.load_dataset`` names it (a hub id or a local folder). In YAML a mapping, or the
+    string ``NAME``, ``NAME:SPLIT`` or ``NAME:CONFIG:SPLIT``."""
+
+    name: str
+    """Hub id (``org/name``) or local dataset folder."""
+    config: str | None = None
+    """The dataset's config (subset) name, required where it has several (e.g. `comparisons` of TL;DR)."""
+    split: str = "train"
+    """The split to read."""
+    revision: str | None = None
+    """A branch, tag or commit of a hub dataset, e.g. `refs/convert/parquet` (the hub's parquet conversion of a
+    script dataset, which datasets 5.x no longer runs)."""
+
+
 class DataSettings(StrictModel):
-    paths: list[str] = ["rayuid:sample"]
-    """Chat logs or extracted interactions (.jsonl/.json/.parquet/HF dataset); 'rayuid:sample' = the shipped sample."""
+    paths: list[str | DataSource] = ["rayuid:sample"]
+    """Chat logs or extracted interactions (.jsonl/.json/.parquet, a dataset folder or hub dataset: a string or a
+    {name, config, split, revision} mapping); 'rayuid:sample' = the shipped sample."""
     extract: ExtractConfig = ExtractConfig()
     """Filters and limits for turning the chat logs into interactions (see `rayuid extract`)."""
     max_interactions: int | None = Field(None, ge=1)

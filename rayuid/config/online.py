@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rayuid.config.method import StrictModel
+from rayuid.config.method import DataSource, StrictModel
 
 
 class SamplingSettings(StrictModel):
@@ -82,7 +82,7 @@ class UserSpec(StrictModel):
 class OnlineSettings(StrictModel):
     """Online SDPO (paper Algorithm 1): sample → simulated user → score → learn → publish."""
 
-    prompts: list[str] = ["rayuid:prompts"]
+    prompts: list[str | DataSource] = ["rayuid:prompts"]
     """Prompt sources: interaction/chat files (their contexts are used) or 'rayuid:prompts' (shipped prompts)."""
     prompt_field: str = "prompt"
     """For records holding a plain-text prompt: its (dotted) field, e.g. `prompt` (HelpSteer2), `info.post` (TL;DR)."""

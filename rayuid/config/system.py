@@ -75,6 +75,13 @@ class RaySettings(StrictModel):
     """torch.distributed backend of the learners; auto = nccl when CUDA is visible, else gloo."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = "PACK"
     """Ray placement-group strategy for all of the job's bundles (PACK: few nodes, SPREAD: many, STRICT_PACK: one)."""
+    weight_transfer: Literal["auto", "object_store", "collective"] = "auto"
+    """How a new policy reaches the engines. object_store: one flat buffer per version through Ray's object store
+    (engines read it zero-copy on their node). collective: vLLM's weight-transfer API, the learner broadcasting to
+    every engine over NCCL (GPU) or gloo (CPU). auto: collective when the learner and the engines have GPUs, else
+    object_store. LoRA adapters always take the object store (they are small)."""
+    transfer_bucket_bytes: int = Field(256 << 20, ge=1 << 16)
+    """collective: bytes per broadcast (a bucket of the packed weights)."""
     sync_timeout_s: float = Field(300.0, gt=0)
     """Seconds the weight sync waits for each engine, and the learners for their process group, before an error."""
     call_timeout_s: float = Field(900.0, gt=0)

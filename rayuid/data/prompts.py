@@ -37,7 +37,7 @@ def _field(record: dict, dotted: str):
     return value
 
 
-def text_prompts(source: str, field: str, max_chars: int) -> list[Prompt]:
+def text_prompts(source, field: str, max_chars: int) -> list[Prompt]:
     """Records carrying a plain-text prompt at ``field`` (dotted, e.g. ``info.post``); de-duplicated.
 
     Multi-turn HelpSteer2 prompts (``<extra_id_N>`` markers), empty and over-long texts are skipped.
@@ -55,7 +55,7 @@ def text_prompts(source: str, field: str, max_chars: int) -> list[Prompt]:
     return out
 
 
-def load_prompts(sources: list[str], system_prompt: str | None = None, field: str = "prompt",
+def load_prompts(sources: list, system_prompt: str | None = None, field: str = "prompt",
                  max_chars: int = 4096) -> list[Prompt]:
     """Shipped prompts; records with a text ``field`` (HelpSteer2 ``prompt``, TL;DR ``info.post``); or else the
     contexts x of the interactions in chat logs / interaction files."""
@@ -64,7 +64,7 @@ def load_prompts(sources: list[str], system_prompt: str | None = None, field: st
         if source == SHIPPED:
             prompts += shipped_prompts()
             continue
-        if source.startswith(prefeval.PREFIX):
+        if isinstance(source, str) and source.startswith(prefeval.PREFIX):
             prompts += [Prompt(pid, [{"role": "user", "content": q}]) for pid, q in prefeval.questions(source)]
             continue
         found = text_prompts(source, field, max_chars)

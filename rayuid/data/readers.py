@@ -14,7 +14,8 @@ Supported inputs:
 - ``*.json``: a list of records, a dict holding that list under ``"data"`` / ``"conversations"``, or one record;
 - ``*.parquet``: one record per row (nested columns come back as dicts and lists);
 - a local dataset folder (``save_to_disk`` output, or a folder of data files) or an HF hub dataset name,
-  optionally written ``name:split`` (default split ``train``).
+  written ``name``, ``name:split`` (default split ``train``) or ``name:config:split``, or given as a
+  ``rayuid.config.DataSource`` (name, config, split, revision).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from rayuid.config import DataSource
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 DEFAULT_SPLIT = "train"
@@ -54,19 +57,34 @@ class RawRecord:
     error: str | None = None
 
 
-def iter_records(source: str, max_line_bytes: int = 10_000_000) -> Iterator[RawRecord]:
+def iter_records(source: str | DataSource, max_line_bytes: int = 10_000_000) -> Iterator[RawRecord]:
     """Yield every record of ``source``, choosing the reader from the suffix or the folder's contents."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return _iter_file(path, max_line_bytes)
-    if path.is_dir():
-        return _iter_dataset_dir(path, DEFAULT_SPLIT)
+    if isinstance(source, str):
+        path = Path(source).expanduser()
+        if path.is_file():
+            return _iter_file(path, max_line_bytes)
+        if path.is_dir():
+            return _iter_dataset_dir(path, DataSource(name=source))
+    spec = as_source(source)
+    if Path(spec.name).expanduser().is_dir():
+        return _iter_dataset_dir(Path(spec.name).expanduser(), spec)
+    if _looks_like_path(spec.name):
+        raise FileNotFoundError(f"input {spec.name!r} does not exist (looked for a file or folder at "
+                                f"{Path(spec.name).expanduser().resolve()})")
+    return _iter_hub_dataset(spec)
+
+
+def as_source(source: str | dict | DataSource) -> DataSource:
+    """A ``DataSource`` from its mapping or its string form ``NAME``, ``NAME:SPLIT`` or ``NAME:CONFIG:SPLIT``."""
+    if isinstance(source, DataSource):
+        return source
+    if isinstance(source, dict):
+        return DataSource.model_validate(source)
+    parts = source.split(":")
+    if len(parts) == 3 and all(parts) and "/" not in parts[1] + parts[2]:
+        return DataSource(name=parts[0], config=parts[1], split=parts[2])
     name, split = split_spec(source)
-    if Path(name).expanduser().is_dir():
-        return _iter_dataset_dir(Path(name).expanduser(), split)
-    if _looks_like_path(name):
-        raise FileNotFoundError(f"input {source!r} does not exist (looked for a file or folder at {path.resolve()})")
-    return _iter_hub_dataset(name, split)
+    return DataSource(name=name, split=split)
 
 
 def split_spec(source: str) -> tuple[str, str]:
@@ -75,6 +93,11 @@ def split_spec(source: str) -> tuple[str, str]:
     if not sep or not name or "/" in split or not split:
         return source, DEFAULT_SPLIT
     return name, split
+
+
+def label(spec: DataSource) -> str:
+    """How records of ``spec`` name where they came from: ``name[:config]:split``."""
+    return ":".join(p for p in (spec.name, spec.config, spec.split) if p)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -192,33 +215,35 @@ def _iter_parquet(path: Path) -> Iterator[RawRecord]:
         yield RawRecord(f"{path.name}[{row}]", path.name, error="unreadable_file", value=str(e))
 
 
-def _iter_dataset_dir(path: Path, split: str) -> Iterator[RawRecord]:
-    """A folder written by ``save_to_disk`` (loaded as is) or a folder of data files (``load_dataset``)."""
+def _iter_dataset_dir(path: Path, spec: DataSource) -> Iterator[RawRecord]:
+    """A folder written by ``save_to_disk`` (loaded as is) or a folder of data files (``load_dataset``, which reads
+    the configs a README.md ``configs:`` block declares)."""
     import datasets
 
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"dataset folder {str(path)!r} has no split {split!r}; it has {sorted(ds)}")
-            ds = ds[split]
+            if spec.split not in ds:
+                raise ValueError(f"dataset folder {str(path)!r} has no split {spec.split!r}; it has {sorted(ds)}")
+            ds = ds[spec.split]
     else:
-        ds = datasets.load_dataset(str(path), split=split)
-    yield from _iter_dataset(ds, f"{path.name}:{split}", path.name)
+        ds = datasets.load_dataset(str(path), spec.config, split=spec.split)
+    yield from _iter_dataset(ds, label(spec.model_copy(update={"name": path.name})), path.name)
 
 
-def _iter_hub_dataset(name: str, split: str) -> Iterator[RawRecord]:
-    """An HF hub dataset by name; a failure to load names the input and the split."""
+def _iter_hub_dataset(spec: DataSource) -> Iterator[RawRecord]:
+    """An HF hub dataset by name; a failure to load names the input, its config and split, and what to set."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(spec.name, spec.config, split=spec.split, revision=spec.revision)
     except Exception as e:  # the hub raises many unrelated types; re-raise one clear error
         raise FileNotFoundError(
-            f"input {name!r} is not a local file or folder, and loading it as a Hugging Face dataset "
-            f"(split {split!r}) failed: {e}"
+            f"input {label(spec)!r} is not a local file or folder, and loading it as a Hugging Face dataset failed: "
+            f"{e}. A dataset with several configs needs one (NAME:CONFIG:SPLIT, or config: in a data mapping); a "
+            "script dataset needs revision: refs/convert/parquet."
         ) from e
-    yield from _iter_dataset(ds, f"{name}:{split}", name.replace("/", "_"))
+    yield from _iter_dataset(ds, label(spec), spec.name.replace("/", "_"))
 
 
 def _iter_dataset(ds: Any, label: str, id_prefix: str) -> Iterator[RawRecord]:

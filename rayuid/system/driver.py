@@ -53,7 +53,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         calls, metrics, ledger = train_with_recovery(cfg, calls, policy, source, tokenizer)
         summary = {**finish(cfg, metrics.records(), ledger, source, system.precision),
-                   **policy.finish(calls, tokenizer, run_dir)}
+                   "weight_transfer": system.transfer, **policy.finish(calls, tokenizer, run_dir)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:

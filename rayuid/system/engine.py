@@ -41,6 +41,10 @@ class WorkerExtension:
         self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
         return len(named)
 
+    def rayuid_received(self) -> str:
+        """The fingerprint of what the last collective publish delivered (``rayuid.system.transport``)."""
+        return self.weight_transfer_engine.received
+
     def rayuid_load_packed(self, data: bytes) -> int:
         """Engines in their own process: tensors cannot cross collective_rpc, so they come as safetensors bytes."""
         from safetensors.torch import load
@@ -82,7 +86,8 @@ class VllmEngine:
     adapter or weight swap atomic for the requests around it.
     """
 
-    def __init__(self, model_path: str, settings: EngineSettings, enable_lora: bool = False, seed: int = 0):
+    def __init__(self, model_path: str, settings: EngineSettings, enable_lora: bool = False, seed: int = 0,
+                 transfer: str | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
@@ -99,6 +104,11 @@ class VllmEngine:
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
         if enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=settings.max_lora_rank, max_loras=settings.max_loras)
+        if transfer is not None:  # a weight-transfer backend name (rayuid.system.transport)
+            from rayuid.system import transfer_backends
+
+            transfer_backends.register()
+            kwargs["weight_transfer_config"] = {"backend": transfer}
         try:
             self.llm = LLM(**kwargs)
         except Exception as err:  # noqa: BLE001 - re-raised with what to change
@@ -236,3 +246,25 @@ class VllmEngine:
         self.llm.reset_prefix_cache()
         self.version, self.checksum = blob.version, blob.checksum
         return self.version, self.checksum, time.perf_counter() - t0
+
+    # ---- collective publishes (``ray.weight_transfer: collective``): vLLM's own four weight-transfer calls
+    def transfer_init(self, init_info: dict) -> None:
+        """Join the learner's transfer group (blocks until every member has joined)."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def transfer_start(self) -> None:
+        self.llm.start_weight_update()
+
+    def transfer_update(self, update_info: dict) -> None:
+        """Receive one version while the learner broadcasts it."""
+        self.llm.update_weights({"update_info": update_info})
+
+    def transfer_finish(self, version: int) -> tuple[int, str, float]:
+        """Serve what was received as ``version``; returns (version, fingerprint of what arrived, 0.0)."""
+        self.llm.finish_weight_update(str(version))
+        self.llm.reset_prefix_cache()
+        self.version, self.checksum = version, self.llm.collective_rpc("rayuid_received")[0]
+        return self.version, self.checksum, 0.0
+
+    def transfer_close(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()

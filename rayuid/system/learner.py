@@ -36,7 +36,7 @@ from rayuid.sdpo.scoring import response_logprobs as score_response_logprobs
 from rayuid.sdpo.step import autocast, score_teacher, sdpo_objective, student_batch
 from rayuid.sdpo.teacher_weights import TeacherWeights
 from rayuid.sdpo.weights import FlatPacker, WeightsBlob, jsonable, pack_state_dict
-from rayuid.system import learner_checkpoint
+from rayuid.system import learner_checkpoint, transport
 
 PHASE_KEYS = ("teacher_s", "student_s", "optim_s", "seconds")
 COUNT_KEYS = ("tokens", "tokens_processed", "interactions")
@@ -194,6 +194,7 @@ class FsdpLearner:
         self.teacher = teacher_cls(model, cfg.teacher.weights, cfg.teacher.ema_rate)
         self.live = TeacherWeights(model, "live")  # score_teacher's own swap is a no-op; ours wraps the call
         self.packer = FlatPacker()  # one buffer, reused by every published version
+        self.sender, self.engine_group, self.last_sent = None, None, None  # collective transport (rank 0)
         self.step = 0
 
     # ---------------------------------------------------------------- training
@@ -323,6 +324,36 @@ class FsdpLearner:
             return pack_state_dict(adapter, version, "lora", self.lora_config())
         cast = getattr(torch, serve_dtype) if serve_dtype in ("float32", "bfloat16", "float16") else None
         return self.packer.pack(state, version, "full", dtype=cast)  # tied names share one slot of the buffer
+
+    # ------------------------------------------------------- collective publishes (ray.weight_transfer)
+    def open_transport(self, engines: dict, address: str, port: int, bucket_bytes: int, timeout_s: float) -> None:
+        """Rank 0 forms the transfer group with every engine (vLLM's trainer-side engine); other ranks hold none."""
+        if self.rank != 0:
+            return
+        self.close_transport()
+        self.engine_group = transport.EngineGroup(engines, timeout_s)
+        from rayuid.system.transfer_backends import open_sender  # imports vLLM: only where collective is used
+
+        self.sender = open_sender(self.engine_group, address, port, len(engines) + 1, bucket_bytes, timeout_s,
+                                  self.device.type)
+
+    def send_weights(self, version: int, serve_dtype: str | None = None) -> dict:
+        """Every rank joins the gather first; then rank 0 alone broadcasts (interleaving the two hangs FSDP2).
+        Returns on rank 0 what every engine must report back; ``{}`` elsewhere."""
+        t0 = time.perf_counter()
+        blob = self.export_weights(version, serve_dtype)
+        if blob is None:
+            return {}
+        export_s = time.perf_counter() - t0
+        self.last_sent = blob  # the pack buffer holds these bytes until the next export: a restarted engine's copy
+        sent = transport.send(self.sender, blob, self.engine_group)
+        return {"checksum": sent.checksum, "bytes": sent.bytes, "export_s": export_s, "put_s": 0.0,
+                "send_s": sent.send_s}
+
+    def close_transport(self) -> None:
+        if self.sender is not None:
+            self.sender.shutdown()
+            self.sender = None
 
     def lora_config(self) -> dict:
         return jsonable(self.model.peft_config["default"].to_dict())

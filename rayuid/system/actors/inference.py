@@ -18,7 +18,10 @@ from rayuid.system.engine import Generation, VllmEngine
 log = logging.getLogger(__name__)
 
 
-def start_engine(model: str, settings: dict, enable_lora: bool, seed: int, threads: int | None) -> VllmEngine:
+def start_engine(model: str, settings: dict, enable_lora: bool, seed: int, threads: int | None,
+                 transfer: str | None = None) -> VllmEngine:
+    """A VllmEngine on this node; ``transfer="collective"``: joinable by the learner's weight-transfer group, over
+    NCCL where this node has a GPU, gloo otherwise (``rayuid.system.transport``)."""
     import torch
 
     from rayuid.sdpo.models import resolve_model
@@ -26,15 +29,21 @@ def start_engine(model: str, settings: dict, enable_lora: bool, seed: int, threa
     logs.configure()
     if threads:
         torch.set_num_threads(threads)
-    engine = VllmEngine(resolve_model(model), EngineSettings.model_validate(settings), enable_lora, seed)
+    backend = None
+    if transfer == "collective":
+        from rayuid.system import transport
+
+        backend = transport.engine_backend("cuda" if torch.cuda.is_available() else "cpu")
+    engine = VllmEngine(resolve_model(model), EngineSettings.model_validate(settings), enable_lora, seed, backend)
     log.info("vLLM engine for %s on %s: dtype %s, %d threads", model, precision.describe(), engine.dtype,
              torch.get_num_threads())
     return engine
 
 
 class RolloutWorker:
-    def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None):
-        self.engine = start_engine(model, settings, enable_lora, seed, threads)
+    def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None,
+                 transfer: str | None = None):
+        self.engine = start_engine(model, settings, enable_lora, seed, threads, transfer)
 
     def generate(self, prompts: list[list[int]], sampling: dict, seed: int | None = None,
                  users: list[str | None] | None = None, unknown_user: str = "base") -> list[list[Generation]]:
@@ -49,6 +58,25 @@ class RolloutWorker:
     def version(self) -> int:
         return self.engine.version
 
+    def served(self) -> tuple[int, str, float]:
+        """(version, checksum) of what this engine serves now (after a collective publish: what it received)."""
+        return self.engine.version, self.engine.checksum, 0.0
+
+    def transfer_init(self, init_info: dict) -> None:
+        self.engine.transfer_init(init_info)
+
+    def transfer_start(self) -> None:
+        self.engine.transfer_start()
+
+    def transfer_update(self, update_info: dict) -> None:
+        self.engine.transfer_update(update_info)
+
+    def transfer_finish(self, version: int) -> tuple[int, str, float]:
+        return self.engine.transfer_finish(version)
+
+    def transfer_close(self) -> None:
+        self.engine.transfer_close()
+
     def precision(self) -> dict:
         """The dtype this engine decided on (``auto`` is decided on its own node), and the hardware."""
         return {"dtype": self.engine.dtype, **precision.describe()}
@@ -61,8 +89,9 @@ class ScoringWorker:
     """The teacher-scoring engine: log-probs of given replies under x and under x⊕o (the live policy in hindsight).
     Not to be confused with ``rayuid.sdpo.teacher_weights`` (which weights a learner-side teacher uses)."""
 
-    def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None):
-        self.engine = start_engine(model, settings, enable_lora, seed, threads)
+    def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None,
+                 transfer: str | None = None):
+        self.engine = start_engine(model, settings, enable_lora, seed, threads, transfer)
 
     def score(self, student: list[list[int]], teacher: list[list[int]], responses: list[list[int]]) -> dict:
         """Both views in one batched prefill; returns per-token log-probs and the version that scored them."""
@@ -72,6 +101,12 @@ class ScoringWorker:
     load_weights = RolloutWorker.load_weights
     load_adapter = RolloutWorker.load_adapter
     version = RolloutWorker.version
+    served = RolloutWorker.served
+    transfer_init = RolloutWorker.transfer_init
+    transfer_start = RolloutWorker.transfer_start
+    transfer_update = RolloutWorker.transfer_update
+    transfer_finish = RolloutWorker.transfer_finish
+    transfer_close = RolloutWorker.transfer_close
     precision = RolloutWorker.precision
     pid = RolloutWorker.pid
 
@@ -79,13 +114,20 @@ class ScoringWorker:
 class SharedEngineWorker:
     """Rollout and teacher roles on one engine (config ``ray.teacher_workers: 0``)."""
 
-    def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None):
-        self.engine = start_engine(model, settings, enable_lora, seed, threads)
+    def __init__(self, model: str, settings: dict, enable_lora: bool = False, seed: int = 0, threads: int | None = None,
+                 transfer: str | None = None):
+        self.engine = start_engine(model, settings, enable_lora, seed, threads, transfer)
 
     generate = RolloutWorker.generate
     score = ScoringWorker.score
     load_weights = RolloutWorker.load_weights
     load_adapter = RolloutWorker.load_adapter
     version = RolloutWorker.version
+    served = RolloutWorker.served
+    transfer_init = RolloutWorker.transfer_init
+    transfer_start = RolloutWorker.transfer_start
+    transfer_update = RolloutWorker.transfer_update
+    transfer_finish = RolloutWorker.transfer_finish
+    transfer_close = RolloutWorker.transfer_close
     precision = RolloutWorker.precision
     pid = RolloutWorker.pid

@@ -82,6 +82,22 @@ class LearnerWorker:
         return {"ref": ref, "checksum": blob.checksum, "bytes": blob.num_bytes, "export_s": t1 - t0,
                 "put_s": time.perf_counter() - t1}
 
+    def open_transport(self, engines: dict, address: str, port: int, bucket_bytes: int, timeout_s: float) -> None:
+        self.learner.open_transport(engines, address, port, bucket_bytes, timeout_s)
+
+    def send_weights(self, version: int, serve_dtype: str | None = None) -> dict:
+        """A collective publish (all ranks); rank 0 returns ``{checksum, bytes, export_s, put_s, send_s}``."""
+        return self.learner.send_weights(version, serve_dtype)
+
+    def last_sent(self) -> list:
+        """``[ref, checksum, bytes]`` of the version last sent (or being sent) collectively, put in the object store:
+        what a restarted engine, or every engine after a failed transfer, loads instead."""
+        blob = self.learner.last_sent
+        return [ray.put(blob), blob.checksum, blob.num_bytes]
+
+    def close_transport(self) -> None:
+        self.learner.close_transport()
+
     def response_logprobs(self, pairs: list[ScoringPair]) -> list[list[float]]:
         return self.learner.response_logprobs(pairs)
 

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayuid import logs
 from rayuid.config import Resources, TrainConfig
+from rayuid.system import transport
 from rayuid.system.actors.adapter_learner import AdapterLearnerWorker
 from rayuid.system.actors.inference import RolloutWorker, ScoringWorker, SharedEngineWorker, start_engine
 from rayuid.system.actors.judge import JudgeWorker
@@ -145,6 +146,8 @@ class System:
     judge: object | None = None
     precision: dict = field(default_factory=dict)
     """Per role, the dtypes it decided (``auto`` is decided on each actor's node) and the hardware it saw."""
+    transfer: str = "object_store"
+    """How full weights reach the engines (``rayuid.system.transport.mode``): object_store or collective."""
 
     def shutdown(self) -> None:
         for handle in [*self.learners, *self.engines.values(), self.sync, self.user, self.judge]:
@@ -209,7 +212,7 @@ def per_user(cfg: TrainConfig) -> bool:
     return cfg.online is not None and bool(cfg.online.users)
 
 
-def _start_engines(cfg: TrainConfig, pg, bundle_of: dict) -> tuple[dict, list[str], list[str]]:
+def _start_engines(cfg: TrainConfig, pg, bundle_of: dict, transfer: str) -> tuple[dict, list[str], list[str]]:
     rollout, teacher = engine_names(cfg)
     settings = cfg.ray.vllm.model_dump(mode="json")
     lora = cfg.model.lora is not None
@@ -220,7 +223,8 @@ def _start_engines(cfg: TrainConfig, pg, bundle_of: dict) -> tuple[dict, list[st
         opts = _options(pg, *bundle_of[name], max_restarts=cfg.ray.max_restarts, max_task_retries=0,
                         name=f"{run_tag(cfg)}-{name}")
         threads = cfg.ray.engine.num_threads()
-        engines[name] = ray.remote(cls).options(**opts).remote(cfg.model.name, settings, lora, cfg.seed + i, threads)
+        engines[name] = ray.remote(cls).options(**opts).remote(cfg.model.name, settings, lora, cfg.seed + i, threads,
+                                                               transfer if transfer == "collective" else None)
     return engines, rollout, teacher
 
 
@@ -262,14 +266,17 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
     pg = reserve(cfg, plan)
     bundle_of = {name: (i, b) for i, (name, b) in enumerate(plan)}
     learners = (start_adapter_learners if per_user(cfg) else start_learners)(cfg, pg, bundle_of, total_steps)
-    engines, rollout, teacher = _start_engines(cfg, pg, bundle_of)
+    transfer = transport.mode(cfg)
+    log.info("weight transfer: %s", transfer)
+    engines, rollout, teacher = _start_engines(cfg, pg, bundle_of, transfer)
     user = _start_user(cfg, pg, bundle_of) if cfg.online is not None else None
     judge = _start_judge(cfg, pg, bundle_of) if "judge" in bundle_of else None
     _wait_ready({**engines, **({"judge": judge} if judge is not None else {})}, cfg.ray.call_timeout_s)
     decided = actor_precision(learners, engines, cfg.ray.call_timeout_s)
+    bucket = cfg.ray.transfer_bucket_bytes if transfer == "collective" else None
     sync = ray.remote(WeightSyncActor).options(num_cpus=0).remote(learners, engines, cfg.ray.sync_timeout_s,
-                                                                  serve_dtype=serve_dtype(decided))
-    return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of, judge, decided)
+                                                                  serve_dtype=serve_dtype(decided), bucket_bytes=bucket)
+    return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of, judge, decided, transfer)
 
 
 def actor_precision(learners: list, engines: dict, timeout_s: float) -> dict:

@@ -6,12 +6,15 @@ object to every inference engine, which reads it zero-copy on its node; each loa
 checksum); only when all match does publish return. Every wait has a timeout that names the
 engine. A restarted engine is brought to the current version with ``sync_engine``.
 
-On GPU clusters the same interface is where vLLM's NCCL weight-transfer engine belongs; it is not implemented yet
-(see README): the object-store transport below is used on CPU and GPU alike.
+With ``ray.weight_transfer: collective`` (``bucket_bytes`` set) full weights go through vLLM's weight-transfer API
+instead (``rayuid.system.transport``): learner rank 0 broadcasts to every engine over NCCL or gloo, then each engine
+reports (version, checksum of what it received). A restarted engine catches up through the object store with the
+bytes last sent, and the group is formed anew (its size is fixed when formed). LoRA adapters always take the store.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import ray
@@ -19,6 +22,7 @@ import ray
 from rayuid.system.sync import PublishReport, check_loaded, timeout_error
 
 DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+log = logging.getLogger(__name__)
 
 
 class WeightSyncActor:
@@ -38,7 +42,7 @@ class WeightSyncActor:
     """
 
     def __init__(self, learners: list, engines: dict, timeout_s: float = 300.0, version: int = 0,
-                 serve_dtype: str | None = None):
+                 serve_dtype: str | None = None, bucket_bytes: int | None = None):
         self.learners = learners
         self.serve_dtype = serve_dtype  # what every engine computes in: the learner packs in it (None: as trained)
         self.engines = dict(engines)
@@ -47,10 +51,14 @@ class WeightSyncActor:
         self.blob_ref = None
         self.checksum = ""
         self.adapters: dict[str, list] = {}  # user → [ObjectRef, checksum, bytes, version] of the served adapter
+        self.bucket_bytes = bucket_bytes     # set: full weights go through the collective transport
+        self.group_open = False              # the learner's transfer group with every engine is formed
 
     def publish(self) -> dict:
         """Version + 1: every learner rank exports (rank 0 packs and puts ONE object), every engine loads it and
         reports (version, checksum); returns the ``PublishReport`` with the time of each part."""
+        if self.bucket_bytes is not None:
+            return self._publish_collective()
         version = self.version + 1
         exports = self._wait({f"learner{r}": l.export_weights.remote(version, self.serve_dtype)
                               for r, l in enumerate(self.learners)}, version)
@@ -64,6 +72,67 @@ class WeightSyncActor:
         report = PublishReport(version, out["checksum"], out["bytes"], out["export_s"], out["put_s"], fanout_s,
                                max(r[2] for r in reports.values()), {n: r[0] for n, r in reports.items()})
         return report.to_json()
+
+    def _publish_collective(self) -> dict:
+        """Version + 1 over vLLM's weight-transfer API: every rank gathers, rank 0 broadcasts to every engine (the
+        group is formed on first use and after an engine restart); then every engine reports (version, checksum of
+        what it received), which must equal what the learner sent."""
+        version = self.version + 1
+        t0 = time.perf_counter()
+        try:
+            self._open_group()
+            exports = self._wait({f"learner{r}": l.send_weights.remote(version, self.serve_dtype)
+                                  for r, l in enumerate(self.learners)}, version)
+        except (ray.exceptions.RayTaskError, *DIED) as err:  # e.g. an engine died mid-broadcast
+            return self._publish_through_store(version, err)
+        out = exports["learner0"]
+        reports = self._wait({n: e.served.remote() for n, e in self.engines.items()}, version)
+        check_loaded(version, out["checksum"], reports)
+        self.version, self.checksum, self.blob_ref = version, out["checksum"], None
+        report = PublishReport(version, out["checksum"], out["bytes"], out["export_s"], 0.0,
+                               time.perf_counter() - t0 - out["export_s"], 0.0, {n: r[0] for n, r in reports.items()})
+        return report.to_json()
+
+    def _publish_through_store(self, version: int, err: BaseException) -> dict:
+        """A collective publish failed part-way: drop the group, then give every engine (restarted ones included)
+        the same version through the object store, checked as always; the group is formed anew next time."""
+        log.warning("collective publish of v%d failed (%s); publishing it through the object store", version,
+                    str(err).splitlines()[0][:200])
+        t0 = time.perf_counter()
+        self._close_group(ignore_errors=True)
+        self.blob_ref, checksum, num_bytes = ray.get(self.learners[0].last_sent.remote(), timeout=self.timeout_s)
+        reports = self._load(list(self.engines), version)
+        check_loaded(version, checksum, reports)
+        self.version, self.checksum = version, checksum
+        return PublishReport(version, checksum, num_bytes, 0.0, 0.0, time.perf_counter() - t0, 0.0,
+                             {n: r[0] for n, r in reports.items()}).to_json()
+
+    def _open_group(self) -> None:
+        if self.group_open:
+            return
+        lead = self.learners[0]
+        address, port = ray.get([lead.node_ip.remote(), lead.free_port.remote()], timeout=self.timeout_s)
+        self._wait({"learner0": lead.open_transport.remote(self.engines, address, port, self.bucket_bytes,
+                                                           self.timeout_s)}, self.version + 1)
+        self.group_open = True
+
+    def _close_group(self, ignore_errors: bool = False) -> None:
+        """A group's size is fixed when it is formed: after an engine restart it is formed anew at the next publish.
+        ``ignore_errors``: after a failed transfer, members that died or hold a broken group are skipped."""
+        if not self.group_open:
+            return
+        self.group_open = False
+        refs = {"learner0": self.learners[0].close_transport.remote(),
+                **{n: e.transfer_close.remote() for n, e in self.engines.items()}}
+        if not ignore_errors:
+            self._wait(refs, self.version)
+            return
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)
+        for ref in refs.values():
+            try:
+                ray.get(ref, timeout=0)
+            except Exception as err:  # noqa: BLE001 - a dead or broken member: it rejoins through the store
+                log.warning("closing the transfer group: %s", str(err).splitlines()[0][:200])
 
     def publish_adapters(self, owners: dict[str, int]) -> dict:
         """Per-user publish: ``owners`` maps each user to the index of the learner that trains it. Every engine loads
@@ -102,9 +171,14 @@ class WeightSyncActor:
         self._wait_alive(name)
         if self.adapters:
             self._load_adapters(list(self.adapters), [name], retry=False)
-        if self.blob_ref is None:
-            return 0
+        collective = self.bucket_bytes is not None
+        if (self.blob_ref is None and not collective) or (collective and not self.checksum):
+            return 0  # nothing published yet: the restarted engine's initial weights are current
+        if collective:  # catch up through the object store: the exact bytes last sent
+            self.blob_ref = ray.get(self.learners[0].last_sent.remote(), timeout=self.timeout_s)[0]
         check_loaded(self.version, self.checksum, self._load([name], self.version))
+        if collective:
+            self._close_group()
         return self.version
 
     def _load(self, names: list[str], version: int) -> dict:
@@ -138,8 +212,11 @@ class WeightSyncActor:
         self.version = version
 
     def set_learners(self, learners: list) -> None:
-        """After the learner group was rebuilt."""
+        """After the learner group was rebuilt (a new rank 0 holds no transfer group: it is formed again)."""
         self.learners = learners
+        if self.group_open:
+            self._wait({n: e.transfer_close.remote() for n, e in self.engines.items()}, self.version)
+            self.group_open = False
 
     def current(self) -> dict:
         return {"version": self.version, "checksum": self.checksum}

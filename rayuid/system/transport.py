@@ -1,0 +1,164 @@
+"""Full-weight publishes through vLLM's own weight-transfer API (``ray.weight_transfer: collective``).
+
+The learner's rank 0 and every engine form one process group (the learner is rank 0, engine k is rank k + 1). A
+publish is vLLM's engine calls ``start_weight_update`` → ``update_weights`` (running while the learner broadcasts)
+→ ``finish_weight_update``, driven from the learner by a trainer-side engine that
+``WeightTransferTrainerFactory.trainer_init`` builds:
+
+- GPU: vLLM's own ``nccl`` trainer engine (packed double buffers); engines run ``rayuid_nccl``, vLLM's NCCL engine
+  plus a fingerprint of the bytes it received.
+- CPU: ``rayuid_gloo``, registered here with both of vLLM's factories, because vLLM 0.32 ships no backend that runs
+  on CPU. The same four calls, over a gloo group from ``stateless_init_torch_distributed_process_group`` (it does
+  not touch the default group that FSDP and the in-process engine own). It sends the learner's flat publish buffer
+  (``rayuid.sdpo.weights``) in buckets, zero-copy on both sides, tied weights once.
+
+vLLM's NCCL backend silently does nothing when libnccl is missing, so "the calls returned" proves nothing: after
+every publish each engine reports (version, fingerprint of what it received), which the WeightSyncActor checks
+against the learner's (``rayuid.system.sync.check_loaded``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable
+
+import torch
+import xxhash
+
+from rayuid.sdpo.weights import WeightsBlob, unflatten
+
+log = logging.getLogger(__name__)
+GLOO, NCCL_ENGINE = "rayuid_gloo", "rayuid_nccl"
+
+
+def fingerprint(pairs: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """What a receiver got, tensor by tensor, computed where the tensors are (a GPU never copies to the host): the
+    name, the sum of its 32-bit words and a position-weighted sum of 4096-word blocks. Both ends of the NCCL path
+    compute it; the gloo path checks the flat buffer's XXH3 instead (``rayuid.sdpo.weights.checksum``)."""
+    digest = xxhash.xxh3_64()
+    for name, tensor in pairs:
+        raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        words = raw[: raw.numel() // 4 * 4].view(torch.int32)
+        full = words.numel() // 4096 * 4096
+        blocks = words[:full].view(-1, 4096).sum(1, dtype=torch.int64)
+        weights = torch.arange(1, blocks.numel() + 1, device=blocks.device, dtype=torch.int64)
+        sums = torch.stack([words.sum(dtype=torch.int64), (blocks * weights).sum(), raw[raw.numel() // 4 * 4:].sum()])
+        digest.update(name.encode())
+        digest.update(sums.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def bucket_bounds(nbytes: int, bucket_bytes: int) -> list[tuple[int, int]]:
+    """Pure: [lo, hi) byte ranges of at most ``bucket_bytes`` covering ``nbytes``; sender and receivers share it."""
+    return [(lo, min(lo + bucket_bytes, nbytes)) for lo in range(0, nbytes, bucket_bytes)] or [(0, 0)]
+
+
+def group(address: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """A gloo process group of its own (not the default group)."""
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+    return stateless_init_torch_distributed_process_group(address, port, rank, world_size, backend="gloo",
+                                                          timeout=timedelta(seconds=timeout_s))
+
+
+def close_group(holder) -> None:
+    """Destroy ``holder.group`` (a stateless group) if it is open."""
+    if getattr(holder, "group", None) is not None:
+        from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
+
+        stateless_destroy_torch_distributed_process_group(holder.group)
+        holder.group = None
+
+
+def engine_backend(device: str) -> str:
+    """The engine-side backend name for engines on ``device`` ("cuda" or "cpu")."""
+    return NCCL_ENGINE if device == "cuda" else GLOO
+
+
+class EngineGroup:
+    """vLLM's ``VLLMWeightSyncClient`` over rayuid's engine actors: engine k joins at rank k + 1 (vLLM's own Ray
+    client would give every independent engine the same rank), and every wait has a timeout that names the engine
+    (vLLM's waits without one)."""
+
+    def __init__(self, engines: dict, timeout_s: float):
+        self.engines, self.timeout_s, self.version = dict(engines), timeout_s, 0
+
+    def _all(self, method: str, per_engine: list[tuple]) -> list:
+        import ray
+
+        from rayuid.system.sync import timeout_error
+
+        refs = {name: getattr(h, method).remote(*args) for (name, h), args in zip(self.engines.items(), per_engine)}
+        ready, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout_s)
+        if late:
+            raise timeout_error(self.version, [n for n, r in refs.items() if r in late], self.timeout_s)
+        return [ray.get(r) for r in refs.values()]
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._all("transfer_init", [({**init_info, "rank_offset": init_info.get("rank_offset", 1) + k},)
+                                    for k in range(len(self.engines))])
+
+    def start_weight_update(self) -> None:
+        self._all("transfer_start", [()] * len(self.engines))
+
+    def update_weights(self, update_info: dict) -> None:
+        self._all("transfer_update", [(update_info,)] * len(self.engines))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("transfer_finish", [(self.version,)] * len(self.engines))
+
+    def close(self) -> None:
+        self._all("transfer_close", [()] * len(self.engines))
+
+
+@dataclass
+class Sent:
+    """What one collective publish sent: the checksum every engine must report back, its size and seconds."""
+
+    checksum: str
+    bytes: int
+    send_s: float
+
+
+def send(sender, blob: WeightsBlob, client: EngineGroup) -> Sent:
+    """One publish over an open transport: ``sender`` is the trainer-side engine from ``trainer_init``."""
+    t0 = time.perf_counter()
+    client.version = blob.version
+    if sender.init_info_cls.backend == GLOO:
+        sender.source, expected = blob, blob.checksum
+    else:  # vLLM's NCCL sender broadcasts a WeightSource of (name, tensor) from the GPU
+        pairs = list(unflatten(blob).items())
+        sender.source = Source(pairs, "cuda")
+        expected = fingerprint(pairs)  # integer sums: the same on the host as on the engine's GPU
+    sender.send_weights()
+    return Sent(expected, blob.num_bytes, time.perf_counter() - t0)
+
+
+class Source:
+    """A ``WeightSource`` over (name, tensor) pairs already gathered on the sender."""
+
+    def __init__(self, pairs: list, device: str = "cpu"):
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        self.pairs, self.device = pairs, device
+        self._meta = [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in pairs]
+
+    def metadata(self):
+        return self._meta
+
+    def __iter__(self):
+        return ((n, t.to(self.device, non_blocking=True)) for n, t in self.pairs)
+
+
+def mode(cfg) -> str:
+    """``ray.weight_transfer`` decided for this job: ``object_store`` or ``collective`` (``auto``: collective when
+    the learner and the engines have GPUs). LoRA and per-user runs publish adapters, always through the store."""
+    r = cfg.ray
+    if cfg.model.lora is not None:
+        return "object_store"
+    if r.weight_transfer == "auto":
+        return "collective" if r.learner.num_gpus > 0 and r.engine.num_gpus > 0 else "object_store"
+    return r.weight_transfer

@@ -1,0 +1,132 @@
+"""Weights through vLLM's own weight-transfer API (rayuid.system.transport): the gloo backend moves a version into a
+real vLLM engine, and a transport that delivers the wrong bytes is caught by the (version, checksum) check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayuid.config import EngineSettings
+from rayuid.sdpo.models import load_causal_lm
+from rayuid.sdpo.scoring import collate, response_logprobs
+from rayuid.sdpo.weights import FlatPacker
+from rayuid.system import transfer_backends, transport
+from rayuid.system.sync import SyncError, check_loaded
+
+SETTINGS = EngineSettings(max_model_len=512, kv_cache_memory_bytes=64 << 20)
+PROMPTS, RESPONSES = [[1, 40, 41, 42], [1, 60, 61]], [[50, 51, 52, 2], [70, 71]]
+
+
+def test_buckets_cover_the_buffer_exactly():
+    for n in range(0, 40):
+        for size in (1, 3, 8, 64):
+            bounds = transport.bucket_bounds(n, size)
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(hi - lo <= size and hi > lo for lo, hi in bounds if n) and \
+                all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+
+
+def test_fingerprint_sees_every_byte_name_and_order():
+    a, b = torch.arange(10_000, dtype=torch.float32), torch.ones(7, dtype=torch.bfloat16)
+    base = transport.fingerprint([("a", a), ("b", b)])
+    assert base == transport.fingerprint([("a", a.clone()), ("b", b.clone())])
+    flipped = a.clone()
+    flipped[9_000] += 1
+    assert base != transport.fingerprint([("a", flipped), ("b", b)])                  # one value in a late block
+    swapped = a.clone()
+    swapped[[0, 5000]] = swapped[[5000, 0]]
+    assert base != transport.fingerprint([("a", swapped), ("b", b)])                  # same sum, other positions
+    assert base != transport.fingerprint([("b", b), ("a", a)])
+    assert base != transport.fingerprint([("a", a), ("c", b)])
+    assert base != transport.fingerprint([("a", a), ("b", torch.zeros(7, dtype=torch.bfloat16))])
+
+
+class LocalClient:
+    """vLLM's VLLMWeightSyncClient over one in-process engine (the Ray one is rayuid.system.transport.EngineGroup)."""
+
+    def __init__(self, engine):
+        self.engine, self.version = engine, 0
+
+    def init_weight_transfer_engine(self, init_info):
+        self.engine.transfer_init(init_info)
+
+    def start_weight_update(self):
+        self.engine.transfer_start()
+
+    def update_weights(self, update_info):
+        self.engine.transfer_update(update_info)
+
+    def finish_weight_update(self, weight_version=None):
+        self.engine.transfer_finish(self.version)
+
+
+def _scores(model):
+    with torch.no_grad():
+        lp = response_logprobs(model, collate(PROMPTS, RESPONSES, pad_id=0))
+    return [lp[i, : len(r)].tolist() for i, r in enumerate(RESPONSES)]
+
+
+@pytest.fixture(scope="module")
+def gloo_engine(tmp_path_factory, tiny_llama_dir):
+    """A real vLLM engine built for the gloo backend, serving a TIED model (the LM head shares the embedding), and
+    the sender joined to it through vLLM's WeightTransferTrainerFactory."""
+    from rayuid.sdpo.models import load_tokenizer
+    from rayuid.system.engine import VllmEngine
+
+    folder = tmp_path_factory.mktemp("tied")
+    model = load_causal_lm(tiny_llama_dir)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(folder)
+    load_tokenizer(tiny_llama_dir).save_pretrained(folder)
+    engine = VllmEngine(str(folder), SETTINGS, seed=0, transfer=transport.GLOO)
+    client = LocalClient(engine)
+    from rayuid.system.learner import free_port
+
+    sender = transfer_backends.open_sender(client, "127.0.0.1", free_port(), 2, bucket_bytes=1 << 16, timeout_s=60,
+                                           device="cpu")
+    yield engine, sender, client, str(folder)
+    sender.shutdown()
+    engine.transfer_close()
+
+
+@pytest.mark.slow
+def test_gloo_publish_serves_the_new_weights_tied_head_included(gloo_engine):
+    engine, sender, client, folder = gloo_engine
+    model = load_causal_lm(folder)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    packer = FlatPacker()
+    before = engine.score(PROMPTS, RESPONSES)
+    for version in (1, 2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        blob = packer.pack(model.state_dict(), version)
+        sent = transport.send(sender, blob, client)          # 16 KiB buckets: the buffer goes in many pieces
+        assert sent.checksum == blob.checksum and sent.bytes == blob.num_bytes
+        check_loaded(version, blob.checksum, {"engine0": (engine.version, engine.checksum, 0.0)})
+        for got, ref in zip(engine.score(PROMPTS, RESPONSES), _scores(model)):
+            assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(engine.score(PROMPTS, RESPONSES)[0], before[0])) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_transport_that_delivers_other_bytes_is_caught_naming_the_engine(gloo_engine):
+    """As vLLM's NCCL backend does without libnccl: every call returns, the engine loads what it has. The check
+    compares what the engine received with what the learner packed, and names the engine."""
+    engine, sender, client, folder = gloo_engine
+    blob = FlatPacker().pack(load_causal_lm(folder).state_dict(), version=7)
+    real = sender.group
+
+    class Lossy:  # the sender's buffer never reaches the wire: zeros of the same size do
+        def broadcast(self, tensor, root):
+            return real.broadcast(torch.zeros_like(tensor), root)
+
+    sender.group = Lossy()
+    try:
+        transport.send(sender, blob, client)
+    finally:
+        sender.group = real
+    assert engine.version == 7 and engine.checksum != blob.checksum
+    with pytest.raises(SyncError, match="engine0"):
+        check_loaded(7, blob.checksum, {"engine0": (engine.version, engine.checksum, 0.0)})
