@@ -340,9 +340,16 @@ def entrypoint_job() -> tuple[str, list[str]]:
 
 
 def gpu_demand(ray) -> dict[str, tuple[float, float, int]]:
-    """{role: (GPUs, CPUs per actor, actors)} for a job's `ray:` block."""
-    engines = ray.rollout_workers + ray.teacher_workers + (1 if ray.user.num_gpus > 0 else 0)
-    return {"learner": (ray.learner.num_gpus, ray.learner.num_cpus, ray.learners),
+    """{node role: (GPUs, CPUs per actor, actors)} for a job's `ray:` block; a GPU user simulator or judge counts on
+    the node role its custom resource names (a 32B user/judge sits on the 80 GB learner GPUs)."""
+    learners, engines = ray.learners, ray.rollout_workers + ray.teacher_workers
+    for extra in (ray.user, ray.judge):
+        if extra.num_gpus > 0:
+            if "learner" in extra.resources:
+                learners += 1
+            else:
+                engines += 1
+    return {"learner": (ray.learner.num_gpus, ray.learner.num_cpus, learners),
             "inference": (ray.engine.num_gpus, ray.engine.num_cpus, engines)}
 
 

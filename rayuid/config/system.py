@@ -16,6 +16,9 @@ class Resources(StrictModel):
     """GPUs reserved for each actor of this role (fractions share a GPU); 0 = CPU only."""
     resources: dict[str, float] = {}
     """Custom Ray resources, e.g. {learner: 0.01} to pin a role to the node type that advertises `learner`."""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory of one GPU (GiB) on the node type this role lands on (e.g. 22.5 for an L4, 44.7 for an L40S, 79.6
+    for an H100). Set: the role is sized before anything starts (rayuid.system.capacity); None: not checked."""
     threads: int | None = Field(None, ge=1)
     """torch/OpenMP threads inside the actor (default: its whole-CPU count, at least 1). On a small machine where
     the phases run one after another, letting each actor use every core is faster."""
@@ -25,7 +28,8 @@ class Resources(StrictModel):
 
 
 class EngineSettings(StrictModel):
-    """vLLM engine arguments shared by rollout, teacher and LLM-user engines (see vllm.LLM)."""
+    """vLLM engine arguments of one role (ray.vllm: the policy's rollout and scoring engines; ray.user_vllm and
+    ray.judge_vllm: the LLM user and the judge, default ray.vllm) — see vllm.LLM."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     """auto = bfloat16 where the engine's node computes it natively, else float32 (decided by each engine; not
@@ -35,6 +39,8 @@ class EngineSettings(StrictModel):
     kv_cache_memory_bytes: int | None = Field(256 << 20, ge=1 << 20)
     """CPU: KV cache size in bytes (vLLM otherwise reserves 92% of a NUMA node); on GPU set null and use
     gpu_memory_utilization."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine spreads its weights over (vLLM tensor parallelism); give the role that many num_gpus."""
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     """Share of the GPU's memory vLLM may take (weights and KV cache); None = vLLM's default."""
     enforce_eager: bool = True
@@ -75,6 +81,10 @@ class RaySettings(StrictModel):
     """torch.distributed backend of the learners; auto = nccl when CUDA is visible, else gloo."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK"] = "PACK"
     """Ray placement-group strategy for all of the job's bundles (PACK: few nodes, SPREAD: many, STRICT_PACK: one)."""
+    user_vllm: EngineSettings | None = None
+    """Engine settings of the LLM user simulator (its model: online.user.model); None = ray.vllm."""
+    judge_vllm: EngineSettings | None = None
+    """Engine settings of the judge (its model: online.judge.model); None = ray.vllm."""
     weight_transfer: Literal["auto", "object_store", "collective"] = "auto"
     """How a new policy reaches the engines. object_store: one flat buffer per version through Ray's object store
     (engines read it zero-copy on their node). collective: vLLM's weight-transfer API, the learner broadcasting to

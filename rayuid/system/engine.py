@@ -96,6 +96,7 @@ class VllmEngine:
 
         kwargs = dict(model=model_path, dtype=settings.dtype, enforce_eager=settings.enforce_eager,
                       max_model_len=settings.max_model_len, seed=seed, worker_extension_cls=EXTENSION,
+                      tensor_parallel_size=settings.tensor_parallel_size,
                       **settings.extra)
         kwargs.setdefault("use_tqdm_on_load", logs.verbose())  # per-engine load bars only with -v
         if settings.kv_cache_memory_bytes is not None:

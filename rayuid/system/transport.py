@@ -7,8 +7,8 @@ publish is vLLM's engine calls ``start_weight_update`` → ``update_weights`` (r
 
 - GPU: vLLM's own ``nccl`` trainer engine (packed double buffers); engines run ``rayuid_nccl``, vLLM's NCCL engine
   plus a fingerprint of the bytes it received.
-- CPU: ``rayuid_gloo``, registered here with both of vLLM's factories, because vLLM 0.32 ships no backend that runs
-  on CPU. The same four calls, over a gloo group from ``stateless_init_torch_distributed_process_group`` (it does
+- CPU: ``rayuid_gloo``, registered with both of vLLM's factories (``rayuid.system.transfer_backends``, which
+  imports vLLM; this module does not), because vLLM 0.32 ships no backend that runs on CPU. The same four calls, over a gloo group from ``stateless_init_torch_distributed_process_group`` (it does
   not touch the default group that FSDP and the in-process engine own). It sends the learner's flat publish buffer
   (``rayuid.sdpo.weights``) in buckets, zero-copy on both sides, tied weights once.
 
@@ -19,7 +19,6 @@ against the learner's (``rayuid.system.sync.check_loaded``).
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,7 +29,6 @@ import xxhash
 
 from rayuid.sdpo.weights import WeightsBlob, unflatten
 
-log = logging.getLogger(__name__)
 GLOO, NCCL_ENGINE = "rayuid_gloo", "rayuid_nccl"
 
 

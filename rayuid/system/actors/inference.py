@@ -98,17 +98,6 @@ class ScoringWorker:
         lps = self.engine.score(student + teacher, responses + responses)
         return {"student_lp": lps[: len(student)], "teacher_lp": lps[len(student):], "version": self.engine.version}
 
-    load_weights = RolloutWorker.load_weights
-    load_adapter = RolloutWorker.load_adapter
-    version = RolloutWorker.version
-    served = RolloutWorker.served
-    transfer_init = RolloutWorker.transfer_init
-    transfer_start = RolloutWorker.transfer_start
-    transfer_update = RolloutWorker.transfer_update
-    transfer_finish = RolloutWorker.transfer_finish
-    transfer_close = RolloutWorker.transfer_close
-    precision = RolloutWorker.precision
-    pid = RolloutWorker.pid
 
 
 class SharedEngineWorker:
@@ -120,14 +109,11 @@ class SharedEngineWorker:
 
     generate = RolloutWorker.generate
     score = ScoringWorker.score
-    load_weights = RolloutWorker.load_weights
-    load_adapter = RolloutWorker.load_adapter
-    version = RolloutWorker.version
-    served = RolloutWorker.served
-    transfer_init = RolloutWorker.transfer_init
-    transfer_start = RolloutWorker.transfer_start
-    transfer_update = RolloutWorker.transfer_update
-    transfer_finish = RolloutWorker.transfer_finish
-    transfer_close = RolloutWorker.transfer_close
-    precision = RolloutWorker.precision
-    pid = RolloutWorker.pid
+
+
+# What every engine actor answers besides its role's own calls: weights in (both transports), version, precision.
+ENGINE_CALLS = ("load_weights", "load_adapter", "version", "served", "transfer_init", "transfer_start",
+                "transfer_update", "transfer_finish", "transfer_close", "precision", "pid")
+for _cls in (ScoringWorker, SharedEngineWorker):
+    for _name in ENGINE_CALLS:
+        setattr(_cls, _name, getattr(RolloutWorker, _name))

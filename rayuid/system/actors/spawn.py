@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayuid import logs
 from rayuid.config import Resources, TrainConfig
-from rayuid.system import transport
+from rayuid.system import capacity, transport
 from rayuid.system.actors.adapter_learner import AdapterLearnerWorker
 from rayuid.system.actors.inference import RolloutWorker, ScoringWorker, SharedEngineWorker, start_engine
 from rayuid.system.actors.judge import JudgeWorker
@@ -232,8 +232,9 @@ def _start_user(cfg: TrainConfig, pg, bundle_of: dict):
     user = cfg.online.user
     factory = None
     if user.kind == "llm":
-        factory = functools.partial(start_engine, user.model or cfg.model.name, cfg.ray.vllm.model_dump(mode="json"),
-                                    False, cfg.seed, cfg.ray.user.num_threads())
+        settings = (cfg.ray.user_vllm or cfg.ray.vllm).model_dump(mode="json")
+        factory = functools.partial(start_engine, user.model or cfg.model.name, settings, False, cfg.seed,
+                                    cfg.ray.user.num_threads())
     opts = _options(pg, *bundle_of["user"]) if "user" in bundle_of else {"num_cpus": 0,
                                                                         "runtime_env": {"env_vars": actor_env()}}
     opts.update(max_restarts=cfg.ray.max_restarts, max_task_retries=0)
@@ -243,7 +244,7 @@ def _start_user(cfg: TrainConfig, pg, bundle_of: dict):
 
 def _start_judge(cfg: TrainConfig, pg, bundle_of: dict):
     judge = cfg.online.judge
-    settings = cfg.ray.vllm.model_dump(mode="json")
+    settings = (cfg.ray.judge_vllm or cfg.ray.vllm).model_dump(mode="json")
     settings["max_model_len"] = judge.max_model_len or settings["max_model_len"]
     opts = _options(pg, *bundle_of["judge"], max_restarts=cfg.ray.max_restarts, max_task_retries=0,
                     name=f"{run_tag(cfg)}-judge")
@@ -263,6 +264,8 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
     """Start every actor and wait until each is ready; errors name the role that failed."""
     needs_user_engine = cfg.online is not None and cfg.online.user.kind == "llm"
     plan = plan_bundles(cfg, needs_user_engine)
+    if misfits := capacity.problems(cfg):
+        raise ClusterError("these roles do not fit their GPUs: " + "; ".join(misfits))
     pg = reserve(cfg, plan)
     bundle_of = {name: (i, b) for i, (name, b) in enumerate(plan)}
     learners = (start_adapter_learners if per_user(cfg) else start_learners)(cfg, pg, bundle_of, total_steps)

@@ -1,0 +1,61 @@
+"""Sizing every GPU role against its GPUs before anything starts (rayuid.system.capacity)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rayuid.config import load_config
+from rayuid.system import capacity
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+GPU_JOBS = sorted(p for p in JOBS.glob("*qwen3*.yaml"))
+
+
+@pytest.mark.parametrize("path", GPU_JOBS, ids=[p.name for p in GPU_JOBS])
+def test_every_shipped_gpu_job_is_sized_and_fits(path):
+    cfg = load_config(path)
+    roles = {n.role.split(" (")[0] for n in capacity.needs(cfg)}
+    assert {"policy engines", "learner"} <= roles                      # checked, not skipped
+    if cfg.online is not None and cfg.online.user.kind == "llm":
+        assert "LLM user" in roles
+    if cfg.online is not None and cfg.online.judge is not None:
+        assert "judge" in roles
+    assert capacity.problems(cfg) == []
+
+
+def _user_job(*overrides):
+    return load_config(JOBS / "online_tldr_qwen3_4b.yaml", ["online.user.model=Qwen/Qwen3-32B",
+                                                            "ray.user.gpu_memory_gib=44.7", *overrides])
+
+
+def test_a_role_that_does_not_fit_is_named_with_the_fix():
+    """A Qwen3-32B user (~61 GiB of bf16 weights) on one 48 GB L40S: named, with tensor parallelism as the fix."""
+    (problem,) = capacity.problems(_user_job())
+    assert problem.startswith("LLM user (ray.user_vllm): Qwen/Qwen3-32B needs 61.1 GiB of weights")
+    assert "raise ray.user_vllm.tensor_parallel_size" in problem
+    vllm = "ray.user_vllm={max_model_len: 1536, gpu_memory_utilization: 0.85, kv_cache_memory_bytes: null, " \
+           "dtype: bfloat16, tensor_parallel_size: 2}"
+    (short,) = capacity.problems(_user_job(vllm))
+    assert "tensor_parallel_size=2 needs 2 GPUs per replica but the role reserves 1" in short
+    assert capacity.problems(_user_job(vllm, "ray.user.num_gpus=2")) == []   # 30.5 + KV ≤ 0.85 × 44.7 GiB
+
+
+def test_learner_memory_shrinks_with_ranks_and_lora():
+    job = JOBS / "offline_wildfeedback_qwen3_8b.yaml"
+    small = ["ray.learner.gpu_memory_gib=40"]
+    one = load_config(job, [*small, "ray.learners=1"])
+    assert capacity.problems(one)[0].startswith("learner (ray.learner): Qwen/Qwen3-8B needs 122.0 GiB")
+    assert capacity.problems(load_config(job, [*small, "ray.learners=8"])) == []
+
+
+def test_a_local_model_is_sized_from_its_config(tiny_model_dir):
+    from rayuid.sdpo.models import load_causal_lm
+
+    shape = capacity.shape_of(tiny_model_dir)
+    config = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    actual = sum(p.numel() for p in load_causal_lm(tiny_model_dir).parameters())
+    assert shape.layers == config["num_hidden_layers"] and abs(shape.params - actual) / actual < 0.05
+    assert capacity.shape_of("no-org/unknown-model") is None
