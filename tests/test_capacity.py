@@ -11,7 +11,7 @@ from rayuid.config import load_config
 from rayuid.system import capacity
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
-GPU_JOBS = sorted(p for p in JOBS.glob("*qwen3*.yaml"))
+GPU_JOBS = [p for p in sorted(JOBS.glob("*.yaml")) if "num_gpus: 1" in p.read_text() or "num_gpus: 0.5" in p.read_text()]
 
 
 @pytest.mark.parametrize("path", GPU_JOBS, ids=[p.name for p in GPU_JOBS])
@@ -59,3 +59,15 @@ def test_a_local_model_is_sized_from_its_config(tiny_model_dir):
     actual = sum(p.numel() for p in load_causal_lm(tiny_model_dir).parameters())
     assert shape.layers == config["num_hidden_layers"] and abs(shape.params - actual) / actual < 0.05
     assert capacity.shape_of("no-org/unknown-model") is None
+
+
+def test_a_gpu_shared_by_learner_and_engine_takes_the_ipc_path():
+    from rayuid.system import transport
+
+    shared = load_config(JOBS / "smoke_gpu.yaml")
+    assert transport.mode(shared) == "collective" and transport.shares_gpu(shared)
+    assert transport.engine_backend("cuda", shared_gpu=True) == "rayuid_ipc"
+    assert transport.engine_backend("cuda") == "rayuid_nccl" and transport.engine_backend("cpu") == "rayuid_gloo"
+    own = load_config(JOBS / "online_tldr_qwen3_4b.yaml")
+    assert transport.mode(own) == "collective" and not transport.shares_gpu(own)     # auto: GPUs on both sides
+    assert transport.mode(load_config(JOBS / "smoke.yaml")) == "object_store"          # auto on CPU

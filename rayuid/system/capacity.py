@@ -6,7 +6,8 @@ Each role that asks for GPUs and says how much memory one of them has (``ray.<ro
   bf16/fp16 weights ÷ tensor_parallel_size must fit in gpu_memory_utilization × the GPU's memory with room left for
   the KV cache of at least one ``max_model_len`` sequence, and a replica needs as many GPUs as its TP degree;
 - a learner rank: full fine-tuning holds ~16 bytes per parameter (bf16 weights and grads are gathered per layer;
-  fp32 master, grads and AdamW moments are sharded) ÷ ranks, LoRA ~2 bytes per parameter (the frozen base).
+  fp32 master, grads and AdamW moments are sharded) ÷ ranks, LoRA ~2 bytes per parameter (the frozen base), in
+  its share of the GPU (a learner with num_gpus 0.5 shares it with an engine).
 
 A role that does not fit is named with what to change. Pure (reads a model's ``config.json`` when it is a local
 folder, else a table of the models the shipped jobs name); roles without ``gpu_memory_gib`` are not checked.
@@ -97,7 +98,7 @@ def needs(cfg) -> list[Need]:
     if shape is not None and r.learner.gpu_memory_gib and r.learner.num_gpus > 0:
         per_param = 2.0 if cfg.model.lora is not None else 16.0 / r.learners
         out.append(Need("learner (ray.learner)", cfg.model.name, shape.params * per_param / GIB, 0.0,
-                        0.9 * r.learner.gpu_memory_gib, 1, r.learner.num_gpus))
+                        0.9 * r.learner.gpu_memory_gib * min(r.learner.num_gpus, 1.0), 1, r.learner.num_gpus))
     return [n for n in out if n is not None]
 
 
@@ -106,7 +107,7 @@ def problems(cfg) -> list[str]:
     out = []
     for n in needs(cfg):
         section = n.role.split("(")[-1].rstrip(")")
-        if n.gpus_needed > n.gpus_given:
+        if n.gpus_needed > 1 and n.gpus_needed > n.gpus_given:  # TP 1 may take a share of a GPU
             out.append(f"{n.role}: tensor_parallel_size={n.gpus_needed} needs {n.gpus_needed} GPUs per replica "
                        f"but the role reserves {n.gpus_given:g}; set its num_gpus to {n.gpus_needed}")
         elif n.weights_gib + n.kv_gib > n.budget_gib:

@@ -326,7 +326,8 @@ class FsdpLearner:
         return self.packer.pack(state, version, "full", dtype=cast)  # tied names share one slot of the buffer
 
     # ------------------------------------------------------- collective publishes (ray.weight_transfer)
-    def open_transport(self, engines: dict, address: str, port: int, bucket_bytes: int, timeout_s: float) -> None:
+    def open_transport(self, engines: dict, address: str, port: int, bucket_bytes: int, timeout_s: float,
+                       shared_gpu: bool = False) -> None:
         """Rank 0 forms the transfer group with every engine (vLLM's trainer-side engine); other ranks hold none."""
         if self.rank != 0:
             return
@@ -335,7 +336,7 @@ class FsdpLearner:
         from rayuid.system.transfer_backends import open_sender  # imports vLLM: only where collective is used
 
         self.sender = open_sender(self.engine_group, address, port, len(engines) + 1, bucket_bytes, timeout_s,
-                                  self.device.type)
+                                  self.device.type, shared_gpu)
 
     def send_weights(self, version: int, serve_dtype: str | None = None) -> dict:
         """Every rank joins the gather first; then rank 0 alone broadcasts (interleaving the two hangs FSDP2).

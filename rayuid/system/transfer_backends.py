@@ -16,10 +16,21 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
-from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCWeightTransferEngine
+from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLWeightTransferEngine
 
 from rayuid.sdpo.weights import TensorSpec, WeightsBlob, checksum, unflatten
-from rayuid.system.transport import GLOO, NCCL_ENGINE, Source, bucket_bounds, close_group, fingerprint, group
+from rayuid.system.transport import (
+    GLOO,
+    IPC_ENGINE,
+    NCCL_ENGINE,
+    Digest,
+    Source,
+    bucket_bounds,
+    close_group,
+    group,
+)
 
 
 @dataclass
@@ -140,47 +151,59 @@ def _rendezvous(client, worker_info: dict, init_info):
         pool.shutdown(wait=False)
 
 
-class CheckedNCCLEngine(NCCLWeightTransferEngine):
-    def receive_weights(self, update_info) -> None:
-        load, seen = self.model.load_weights, []
+def _checked(base: type) -> type:
+    """vLLM's ``base`` engine, plus the ``Digest`` of every tensor it loads (what the engine then reports)."""
 
-        def fingerprinted(pairs):
-            pairs = list(pairs)
-            seen.extend(pairs)
-            return load(pairs)
+    class Checked(base):
+        def receive_weights(self, update_info) -> None:
+            load, digest = self.model.load_weights, Digest()
 
-        self.model.load_weights = fingerprinted
-        try:
-            super().receive_weights(update_info)
-        finally:
-            del self.model.load_weights
-        self.received = fingerprint(seen)
+            def digested(pairs):
+                pairs = list(pairs)
+                for name, tensor in pairs:
+                    digest.update(name, tensor)
+                return load(pairs)
+
+            self.model.load_weights = digested
+            try:
+                super().receive_weights(update_info)
+            finally:
+                del self.model.load_weights
+            self.received = digest.hexdigest()
+
+    Checked.__name__ = Checked.__qualname__ = f"Checked{base.__name__}"
+    return Checked
+
+
+CheckedNCCLEngine = _checked(NCCLWeightTransferEngine)
+CheckedIPCEngine = _checked(IPCWeightTransferEngine)
 
 
 def register() -> None:
     """Register rayuid's backends with vLLM's two factories (idempotent; call before building an engine)."""
-    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     if GLOO in WeightTransferEngineFactory._registry:
         return
     WeightTransferEngineFactory.register_engine(GLOO, GlooEngine)
     WeightTransferTrainerFactory.register_engine(GLOO, GlooSender)
     WeightTransferEngineFactory.register_engine(NCCL_ENGINE, CheckedNCCLEngine)
+    WeightTransferEngineFactory.register_engine(IPC_ENGINE, CheckedIPCEngine)
 
 
 def open_sender(client, address: str, port: int, world_size: int, bucket_bytes: int, timeout_s: float,
-                device: str):
-    """The trainer-side engine of learner rank 0, joined with every engine ``client`` reaches: vLLM's NCCL sender
-    on a GPU learner, rayuid's gloo sender on CPU (both built by vLLM's ``WeightTransferTrainerFactory``)."""
-    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
-
+                device: str, shared_gpu: bool = False):
+    """The trainer-side engine of learner rank 0, joined with every engine ``client`` reaches: on a GPU vLLM's NCCL
+    sender (vLLM's IPC sender when the engines share the learner's GPU), on CPU rayuid's gloo sender; all built by
+    vLLM's ``WeightTransferTrainerFactory``."""
     register()
+    if device == "cuda" and shared_gpu:
+        info = IPCTrainerInitInfo(rank=0, packed=True, packed_buffer_size_bytes=bucket_bytes)
+        return WeightTransferTrainerFactory.trainer_init(info, client=client, source=Source([], "cuda"))
     if device == "cuda":
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
         info = NCCLTrainerInitInfo(master_address=address, master_port=port, world_size=world_size, rank=0,
                                    packed=True, packed_buffer_size_bytes=bucket_bytes)
-        return WeightTransferTrainerFactory.trainer_init(info, client=client, source=Source([]))
+        return WeightTransferTrainerFactory.trainer_init(info, client=client, source=Source([], "cuda"))
     info = GlooTrainerInit(master_address=address, master_port=port, world_size=world_size,
-                         bucket_bytes=bucket_bytes, timeout_s=timeout_s, rank=0)
+                           bucket_bytes=bucket_bytes, timeout_s=timeout_s, rank=0)
     return WeightTransferTrainerFactory.trainer_init(info, client=client)

@@ -5,16 +5,18 @@ publish is vLLM's engine calls ``start_weight_update`` → ``update_weights`` (r
 → ``finish_weight_update``, driven from the learner by a trainer-side engine that
 ``WeightTransferTrainerFactory.trainer_init`` builds:
 
-- GPU: vLLM's own ``nccl`` trainer engine (packed double buffers); engines run ``rayuid_nccl``, vLLM's NCCL engine
-  plus a fingerprint of the bytes it received.
-- CPU: ``rayuid_gloo``, registered with both of vLLM's factories (``rayuid.system.transfer_backends``, which
-  imports vLLM; this module does not), because vLLM 0.32 ships no backend that runs on CPU. The same four calls, over a gloo group from ``stateless_init_torch_distributed_process_group`` (it does
-  not touch the default group that FSDP and the in-process engine own). It sends the learner's flat publish buffer
-  (``rayuid.sdpo.weights``) in buckets, zero-copy on both sides, tied weights once.
+- GPU: vLLM's own ``nccl`` trainer engine (packed double buffers), or its ``ipc`` one when the engines share the
+  learner's GPU (NCCL cannot put two ranks on one GPU); engines run ``rayuid_nccl`` / ``rayuid_ipc``: vLLM's
+  engines plus a ``Digest`` of what they received.
+- CPU: ``rayuid_gloo``, because vLLM 0.32 ships no backend that runs on CPU: the same four calls over a gloo group
+  from ``stateless_init_torch_distributed_process_group`` (not the default group that FSDP and the in-process
+  engine own), sending the learner's flat publish buffer (``rayuid.sdpo.weights``) in buckets, zero-copy on both
+  sides, tied weights once.
 
-vLLM's NCCL backend silently does nothing when libnccl is missing, so "the calls returned" proves nothing: after
-every publish each engine reports (version, fingerprint of what it received), which the WeightSyncActor checks
-against the learner's (``rayuid.system.sync.check_loaded``).
+The backends are registered with vLLM's factories in ``rayuid.system.transfer_backends`` (which imports vLLM; this
+module does not). vLLM's NCCL backend silently does nothing when libnccl is missing, so "the calls returned" proves
+nothing: after every publish each engine reports (version, checksum of what it received), which the WeightSyncActor
+checks against the learner's (``rayuid.system.sync.check_loaded``).
 """
 
 from __future__ import annotations
@@ -29,23 +31,36 @@ import xxhash
 
 from rayuid.sdpo.weights import WeightsBlob, unflatten
 
-GLOO, NCCL_ENGINE = "rayuid_gloo", "rayuid_nccl"
+GLOO, NCCL_ENGINE, IPC_ENGINE = "rayuid_gloo", "rayuid_nccl", "rayuid_ipc"
 
 
-def fingerprint(pairs: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """What a receiver got, tensor by tensor, computed where the tensors are (a GPU never copies to the host): the
-    name, the sum of its 32-bit words and a position-weighted sum of 4096-word blocks. Both ends of the NCCL path
-    compute it; the gloo path checks the flat buffer's XXH3 instead (``rayuid.sdpo.weights.checksum``)."""
-    digest = xxhash.xxh3_64()
-    for name, tensor in pairs:
+class Digest:
+    """What a receiver got, tensor by tensor, computed where the tensors are (a GPU never copies a tensor to the
+    host): the name, the sum of its 32-bit words and a position-weighted sum of 4096-word blocks. Both ends of the
+    NCCL and IPC paths compute it; the gloo path checks the flat buffer's XXH3 (``rayuid.sdpo.weights.checksum``)."""
+
+    def __init__(self):
+        self._xxh = xxhash.xxh3_64()
+
+    def update(self, name: str, tensor: torch.Tensor) -> None:
         raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
         words = raw[: raw.numel() // 4 * 4].view(torch.int32)
         full = words.numel() // 4096 * 4096
         blocks = words[:full].view(-1, 4096).sum(1, dtype=torch.int64)
         weights = torch.arange(1, blocks.numel() + 1, device=blocks.device, dtype=torch.int64)
         sums = torch.stack([words.sum(dtype=torch.int64), (blocks * weights).sum(), raw[raw.numel() // 4 * 4:].sum()])
-        digest.update(name.encode())
-        digest.update(sums.cpu().numpy().tobytes())
+        self._xxh.update(name.encode())
+        self._xxh.update(sums.cpu().numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._xxh.hexdigest()
+
+
+def fingerprint(pairs: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """``Digest`` of (name, tensor) pairs in order."""
+    digest = Digest()
+    for name, tensor in pairs:
+        digest.update(name, tensor)
     return digest.hexdigest()
 
 
@@ -71,9 +86,17 @@ def close_group(holder) -> None:
         holder.group = None
 
 
-def engine_backend(device: str) -> str:
-    """The engine-side backend name for engines on ``device`` ("cuda" or "cpu")."""
-    return NCCL_ENGINE if device == "cuda" else GLOO
+def engine_backend(device: str, shared_gpu: bool = False) -> str:
+    """The engine-side backend for an engine on ``device`` ("cuda" or "cpu"); ``shared_gpu``: the learner computes
+    on the same GPU (vLLM's ``ipc`` backend: NCCL cannot put two ranks on one GPU)."""
+    if device != "cuda":
+        return GLOO
+    return IPC_ENGINE if shared_gpu else NCCL_ENGINE
+
+
+def shares_gpu(cfg) -> bool:
+    """The learner and the engines share GPUs (fractional num_gpus on both): the ``ipc`` path on CUDA."""
+    return 0 < cfg.ray.learner.num_gpus < 1 and 0 < cfg.ray.engine.num_gpus < 1
 
 
 class EngineGroup:
@@ -127,7 +150,7 @@ def send(sender, blob: WeightsBlob, client: EngineGroup) -> Sent:
     client.version = blob.version
     if sender.init_info_cls.backend == GLOO:
         sender.source, expected = blob, blob.checksum
-    else:  # vLLM's NCCL sender broadcasts a WeightSource of (name, tensor) from the GPU
+    else:  # vLLM's NCCL / IPC senders read a WeightSource of (name, tensor) on the GPU
         pairs = list(unflatten(blob).items())
         sender.source = Source(pairs, "cuda")
         expected = fingerprint(pairs)  # integer sums: the same on the host as on the engine's GPU

@@ -34,6 +34,10 @@ def start_engine(model: str, settings: dict, enable_lora: bool, seed: int, threa
         from rayuid.system import transport
 
         backend = transport.engine_backend("cuda" if torch.cuda.is_available() else "cpu")
+    elif transfer == "collective-shared-gpu":  # the learner computes on this engine's GPU
+        from rayuid.system import transport
+
+        backend = transport.engine_backend("cuda" if torch.cuda.is_available() else "cpu", shared_gpu=True)
     engine = VllmEngine(resolve_model(model), EngineSettings.model_validate(settings), enable_lora, seed, backend)
     log.info("vLLM engine for %s on %s: dtype %s, %d threads", model, precision.describe(), engine.dtype,
              torch.get_num_threads())

@@ -82,8 +82,9 @@ class LearnerWorker:
         return {"ref": ref, "checksum": blob.checksum, "bytes": blob.num_bytes, "export_s": t1 - t0,
                 "put_s": time.perf_counter() - t1}
 
-    def open_transport(self, engines: dict, address: str, port: int, bucket_bytes: int, timeout_s: float) -> None:
-        self.learner.open_transport(engines, address, port, bucket_bytes, timeout_s)
+    def open_transport(self, engines: dict, address: str, port: int, bucket_bytes: int, timeout_s: float,
+                       shared_gpu: bool = False) -> None:
+        self.learner.open_transport(engines, address, port, bucket_bytes, timeout_s, shared_gpu)
 
     def send_weights(self, version: int, serve_dtype: str | None = None) -> dict:
         """A collective publish (all ranks); rank 0 returns ``{checksum, bytes, export_s, put_s, send_s}``."""

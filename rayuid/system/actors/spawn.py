@@ -224,8 +224,15 @@ def _start_engines(cfg: TrainConfig, pg, bundle_of: dict, transfer: str) -> tupl
                         name=f"{run_tag(cfg)}-{name}")
         threads = cfg.ray.engine.num_threads()
         engines[name] = ray.remote(cls).options(**opts).remote(cfg.model.name, settings, lora, cfg.seed + i, threads,
-                                                               transfer if transfer == "collective" else None)
+                                                               _engine_transfer(cfg, transfer))
     return engines, rollout, teacher
+
+
+def _engine_transfer(cfg: TrainConfig, transfer: str) -> str | None:
+    """What an engine prepares for: None (object store), collective, or collective on the learner's own GPU."""
+    if transfer != "collective":
+        return None
+    return "collective-shared-gpu" if transport.shares_gpu(cfg) else "collective"
 
 
 def _start_user(cfg: TrainConfig, pg, bundle_of: dict):
@@ -278,7 +285,8 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
     decided = actor_precision(learners, engines, cfg.ray.call_timeout_s)
     bucket = cfg.ray.transfer_bucket_bytes if transfer == "collective" else None
     sync = ray.remote(WeightSyncActor).options(num_cpus=0).remote(learners, engines, cfg.ray.sync_timeout_s,
-                                                                  serve_dtype=serve_dtype(decided), bucket_bytes=bucket)
+                                                                  serve_dtype=serve_dtype(decided), bucket_bytes=bucket,
+                                                                  shared_gpu=transport.shares_gpu(cfg))
     return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of, judge, decided, transfer)
 
 

@@ -42,7 +42,7 @@ class WeightSyncActor:
     """
 
     def __init__(self, learners: list, engines: dict, timeout_s: float = 300.0, version: int = 0,
-                 serve_dtype: str | None = None, bucket_bytes: int | None = None):
+                 serve_dtype: str | None = None, bucket_bytes: int | None = None, shared_gpu: bool = False):
         self.learners = learners
         self.serve_dtype = serve_dtype  # what every engine computes in: the learner packs in it (None: as trained)
         self.engines = dict(engines)
@@ -53,6 +53,7 @@ class WeightSyncActor:
         self.adapters: dict[str, list] = {}  # user → [ObjectRef, checksum, bytes, version] of the served adapter
         self.bucket_bytes = bucket_bytes     # set: full weights go through the collective transport
         self.group_open = False              # the learner's transfer group with every engine is formed
+        self.shared_gpu = shared_gpu         # engines on the learner's GPU: vLLM's ipc backend on CUDA
 
     def publish(self) -> dict:
         """Version + 1: every learner rank exports (rank 0 packs and puts ONE object), every engine loads it and
@@ -113,7 +114,7 @@ class WeightSyncActor:
         lead = self.learners[0]
         address, port = ray.get([lead.node_ip.remote(), lead.free_port.remote()], timeout=self.timeout_s)
         self._wait({"learner0": lead.open_transport.remote(self.engines, address, port, self.bucket_bytes,
-                                                           self.timeout_s)}, self.version + 1)
+                                                           self.timeout_s, self.shared_gpu)}, self.version + 1)
         self.group_open = True
 
     def _close_group(self, ignore_errors: bool = False) -> None:
