@@ -77,6 +77,14 @@ def _config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from rayuid.offline.export import export
+
+    out = export(args.run_dir, args.to, args.step, args.user, args.merge_lora)
+    print(f"exported to {out} (load it with transformers, peft or vLLM)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayuid", description="SDPO from user interactions")
     verbose = argparse.ArgumentParser(add_help=False)
@@ -106,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--seed", type=int, default=123)
     sg.add_argument("--limit", type=int, help="only the first N cases")
     sg.set_defaults(func=_signal)
+    xp = sub.add_parser("export", parents=[verbose], help="a run's weights as an HF folder for serving")
+    xp.add_argument("run_dir")
+    xp.add_argument("--to", required=True, help="the folder to write (replaced if it exists)")
+    xp.add_argument("--step", type=int, help="this checkpoint (default: the newest complete one)")
+    xp.add_argument("--user", help="per-user runs: this user's adapter")
+    xp.add_argument("--merge-lora", action="store_true", help="fold a LoRA adapter into its base: a full model")
+    xp.set_defaults(func=_export)
+
     cf = sub.add_parser("config", parents=[verbose], help="describe the job config (YAML) format")
     schema = cf.add_subparsers(dest="action", required=True).add_parser(
         "schema", parents=[verbose], help="every config field, one per line: dotted path, type, default, meaning")

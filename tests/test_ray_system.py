@@ -251,6 +251,14 @@ def test_resume_restores_version_ledger_and_data_position(local_ray, tmp_path, t
     assert straight["steps_done"] == 4
     by_step = lambda rows: {(s["step"], s["prompt_id"]) for s in rows}  # noqa: E731
     assert by_step(samples) == by_step(_samples(tmp_path / "straight"))
+    # the Ray checkpoint exports for serving (rayuid export): the learner's HF folder, the trained weights
+    from transformers import AutoModelForCausalLM
+
+    from rayuid.offline.export import export
+
+    served = AutoModelForCausalLM.from_pretrained(export(cfg.run_dir, tmp_path / "served"))
+    trained = AutoModelForCausalLM.from_pretrained(Path(cfg.run_dir) / "checkpoints" / "step-000004" / "hf")
+    assert all(torch.equal(a, b) for a, b in zip(served.parameters(), trained.parameters()))
 
 
 def test_learner_sigkill_resumes_group_from_last_checkpoint(local_ray, tmp_path, tiny_model_dir):
