@@ -30,8 +30,14 @@ def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, ti
 
     run_dir = tmp_path / "run"
     judged = ["online.judge={max_tokens: 4, max_model_len: 400}", "ray.judge={num_cpus: 0.5}"]  # + an LLM judge
-    first = run(_cfg(run_dir, tiny_model_dir, "online.steps=2", *judged))
+    first = run(_cfg(run_dir, tiny_model_dir, "online.steps=2", "report_to=[tensorboard]", *judged))
     assert first["steps_done"] == 2 and first["interactions_trained"] == 2 * 3 * 2
+    from test_trackers import _tensorboard_scalars  # the trackers got each user's numbers
+
+    scalars = _tensorboard_scalars(run_dir / "tensorboard")
+    logged = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [v for _, v in scalars["users/ann/loss"]] == pytest.approx([m["users"]["ann"]["loss"] for m in logged])
+    assert [s for s, _ in scalars["eval/ann/concise/adherence"]] == [0, 1, 2]            # eval_every: 1
     store = AdapterStore(run_dir / "adapters")
     assert store.users() == ["ann", "ben", "cat"] and all(store.versions(u)[-1] == 2 for u in store.users())
     samples = [json.loads(ln) for ln in (run_dir / "samples.jsonl").read_text().splitlines()]

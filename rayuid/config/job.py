@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import get_args, get_origin
+from typing import Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -26,6 +26,11 @@ from rayuid.config.system import RaySettings
 class TrainConfig(StrictModel):
     run_dir: str = "runs/offline"
     """Output folder: config.yaml, metrics.jsonl, summary.json and checkpoints/ (what checkpoint.resume reads)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers that get every metrics record, the held-out eval points and the plots (any subset;
+    where each writes: rayuid.records.trackers). Empty: metrics.jsonl and PNGs only."""
+    run_name: str | None = None
+    """The run's name in the trackers (default: the run_dir's folder name)."""
     seed: int = 42
     """Seeds the data order, the prompt draws, the sampling and torch (every random draw derives from it)."""
     threads: int | None = Field(None, ge=1)

@@ -23,6 +23,7 @@ from rayuid.data.pairs import example_order, load_pairs
 from rayuid.records import checkpoint as ckpt
 from rayuid.records.metrics import MetricsLog
 from rayuid.records.plots import plot_metrics
+from rayuid.records.trackers import Trackers
 from rayuid.sdpo.models import build_model, load_tokenizer, resolve_model
 from rayuid.sdpo.optim import build_optimizer, optimizer_step
 from rayuid.sdpo.step import train_batch
@@ -55,12 +56,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     teacher = TeacherWeights(model, cfg.teacher.weights, cfg.teacher.ema_rate)
     start = _restore(resume_from, optimizer, scheduler, teacher)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start)
+    trackers = Trackers(cfg.report_to, run_dir, cfg.run_name or run_dir.name, cfg.model_dump(mode="json"))
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start, trackers)
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     loop = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                 pairs=pairs, order=order, batch_size=batch_size, metrics=metrics)
-    last = _run_steps(cfg, start, end, total_steps, **loop)
-    return _finish(cfg, run_dir, metrics, last, total_steps, len(pairs), report)
+    try:
+        last = _run_steps(cfg, start, end, total_steps, **loop)
+        summary = _finish(cfg, run_dir, metrics, last, total_steps, len(pairs), report)
+        trackers.images({"metrics": summary["plot"]})
+        return summary
+    finally:
+        trackers.close()
 
 
 def _restore(resume_from: Path | None, optimizer, scheduler, teacher: TeacherWeights) -> int:

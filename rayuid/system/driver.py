@@ -27,6 +27,7 @@ from rayuid.config import TrainConfig, dump_config
 from rayuid.records.ledger import Ledger
 from rayuid.records.metrics import MetricsLog
 from rayuid.records.plots import plot_metrics
+from rayuid.records.trackers import Trackers
 from rayuid.sdpo.models import load_tokenizer, resolve_model
 from rayuid.system import phases
 from rayuid.system.actors import spawn
@@ -50,22 +51,26 @@ def run(cfg: TrainConfig) -> dict:
     system = spawn.build_system(cfg, source.total_steps)
     policy: Policy = PerUserPolicy(cfg, source) if spawn.per_user(cfg) else SharedPolicy(cfg, source)
     calls = Calls(system, cfg.ray.call_timeout_s, cfg.ray.max_restarts)
+    trackers = Trackers(cfg.report_to, run_dir, cfg.run_name or run_dir.name, cfg.model_dump(mode="json"))
     try:
-        calls, metrics, ledger = train_with_recovery(cfg, calls, policy, source, tokenizer)
+        calls, metrics, ledger = train_with_recovery(cfg, calls, policy, source, tokenizer, trackers)
         summary = {**finish(cfg, metrics.records(), ledger, source, system.precision),
                    "weight_transfer": system.transfer, **policy.finish(calls, tokenizer, run_dir)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        trackers.images({"metrics": summary["plot"], "eval_curve": summary.get("eval_curve"),
+                         "results": run_dir / "results.png"})
         return summary
     finally:
+        trackers.close()
         calls.system.shutdown()
 
 
-def train_with_recovery(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSource,
-                        tokenizer) -> tuple[Calls, MetricsLog, Ledger]:
+def train_with_recovery(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSource, tokenizer,
+                        trackers: Trackers | None = None) -> tuple[Calls, MetricsLog, Ledger]:
     """Train; if a learner dies, replace the learners and resume everything from the last checkpoint."""
     for attempt in range(cfg.ray.max_restarts + 1):
         start, ledger = policy.restore(calls, republish=attempt > 0)
-        metrics = MetricsLog(Path(cfg.run_dir) / "metrics.jsonl", start)
+        metrics = MetricsLog(Path(cfg.run_dir) / "metrics.jsonl", start, trackers)
         source.truncate_samples(start)
         try:
             loop(cfg, calls, policy, source, tokenizer, start, metrics, ledger)
@@ -85,7 +90,7 @@ def loop(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSource, toke
     every = cfg.online.eval_every if cfg.online is not None else 0
     bar = tqdm(range(start, total), initial=start, total=total, desc=policy.label, unit="step")
     if cfg.online is not None:
-        policy.evaluate(calls, tokenizer, start, start, at_start=True)   # base (or resumed) policy
+        metrics.evaluated(start, policy.evaluate(calls, tokenizer, start, start, at_start=True))  # base/resumed
     pool, pending = ThreadPoolExecutor(1), None
     try:
         for step in bar:
@@ -99,7 +104,7 @@ def loop(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSource, toke
             bar.set_postfix(loss=f"{record['loss']:.3f}", v=record["version"])
             done = step + 1
             if (every and done % every == 0) or (cfg.online is not None and done == total):
-                policy.evaluate(calls, tokenizer, done, record["version"])
+                metrics.evaluated(done, policy.evaluate(calls, tokenizer, done, record["version"]))
             if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == total:
                 policy.save(calls, done, record["version"], ledger)
     finally:

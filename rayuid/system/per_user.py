@@ -95,11 +95,13 @@ class PerUserPolicy:
                               "mean_reply_words": sum(words[u]) / max(len(words[u]), 1)}
                           for u, st in stats["per_user"].items()}}
 
-    def evaluate(self, calls: Calls, tokenizer, done: int, version: int, at_start: bool = False) -> None:
+    def evaluate(self, calls: Calls, tokenizer, done: int, version: int, at_start: bool = False) -> list[dict]:
         if at_start and done > 0 and self.evaluator.rows:
-            return  # a resumed run keeps the evaluation rows its checkpoint restored
-        for row in self.evaluator(calls, tokenizer, done, self.versions):
+            return []  # a resumed run keeps the evaluation rows its checkpoint restored
+        rows = self.evaluator(calls, tokenizer, done, self.versions)
+        for row in rows:
             log.info("eval after step %d: %s", done, row)
+        return rows
 
     def save(self, calls: Calls, step: int, version: int, ledger: Ledger) -> Path:
         """Every learner writes its users' adapters; then the driver state that names their versions, atomically."""

@@ -54,9 +54,9 @@ class Policy(Protocol):
     def record(self, samples: list, stats: dict, published: dict, extra: dict) -> dict:
         """The policy's part of the step's ``metrics.jsonl`` record."""
 
-    def evaluate(self, calls: Calls, tokenizer, done: int, version: int, at_start: bool = False) -> None:
-        """Measure the served policy after ``done`` steps (no-op when the run has no evaluation); ``at_start``: the
-        point before the loop's first step (the base model, or the policy a resumed run starts from)."""
+    def evaluate(self, calls: Calls, tokenizer, done: int, version: int, at_start: bool = False) -> list[dict]:
+        """Measure the served policy after ``done`` steps; returns the new points (none when the run has no
+        evaluation). ``at_start``: the point before the loop's first step (the base model, or the resumed policy)."""
 
     def save(self, calls: Calls, step: int, version: int, ledger: Ledger) -> Path:
         """A checkpoint after ``step`` steps, complete once its driver state is written."""
@@ -105,10 +105,12 @@ class SharedPolicy:
     def record(self, samples: list, stats: dict, published: dict, extra: dict) -> dict:
         return {**stats, "version": published["version"]}
 
-    def evaluate(self, calls: Calls, tokenizer, done: int, version: int, at_start: bool = False) -> None:
-        if self.evaluator is not None:
-            point = self.evaluator(calls, tokenizer, done * self.cfg.online.prompts_per_step, version)
-            log.info("held-out eval after %d interactions: %s", point["interactions"], point)
+    def evaluate(self, calls: Calls, tokenizer, done: int, version: int, at_start: bool = False) -> list[dict]:
+        if self.evaluator is None:
+            return []
+        point = self.evaluator(calls, tokenizer, done * self.cfg.online.prompts_per_step, version)
+        log.info("held-out eval after %d interactions: %s", point["interactions"], point)
+        return [point]
 
     def save(self, calls: Calls, step: int, version: int, ledger: Ledger) -> Path:
         """All learner ranks write their shards; the driver state (step, version, ledger) rides along."""
