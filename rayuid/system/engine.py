@@ -30,26 +30,7 @@ from rayuid import logs, precision
 from rayuid.config import EngineSettings, SamplingSettings
 from rayuid.sdpo.weights import WeightsBlob, unflatten, verify, write_adapter
 
-EXTENSION = "rayuid.system.engine.WorkerExtension"
-
-
-class WorkerExtension:
-    """Mixed into vLLM's worker (``worker_extension_cls``); reached with ``llm.collective_rpc``."""
-
-    def rayuid_load_tensors(self, named: list) -> int:
-        """In-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0): (name, tensor view) pairs, no copy on the way."""
-        self.reload_weights(weights_iterator=iter(named), is_checkpoint_format=True)
-        return len(named)
-
-    def rayuid_received(self) -> str:
-        """The fingerprint of what the last collective publish delivered (``rayuid.system.transport``)."""
-        return self.weight_transfer_engine.received
-
-    def rayuid_load_packed(self, data: bytes) -> int:
-        """Engines in their own process: tensors cannot cross collective_rpc, so they come as safetensors bytes."""
-        from safetensors.torch import load
-
-        return self.rayuid_load_tensors(list(load(bytes(data)).items()))
+EXTENSION = "rayuid.system.vllm_worker.WorkerExtension"  # imported by every vLLM worker process
 
 
 @dataclass(frozen=True)
