@@ -1,4 +1,4 @@
-"""``rayuid`` command line: extract, train, signal, config schema."""
+"""``rayuid`` command line: extract, train, signal, export, config schema."""
 
 from __future__ import annotations
 

@@ -71,3 +71,13 @@ def test_a_gpu_shared_by_learner_and_engine_takes_the_ipc_path():
     own = load_config(JOBS / "online_tldr_qwen3_4b.yaml")
     assert transport.mode(own) == "collective" and not transport.shares_gpu(own)     # auto: GPUs on both sides
     assert transport.mode(load_config(JOBS / "smoke.yaml")) == "object_store"          # auto on CPU
+
+
+def test_tensor_parallel_engines_take_the_object_store():
+    from rayuid.system import transport
+
+    job = JOBS / "online_tldr_qwen3_4b.yaml"
+    assert transport.mode(load_config(job, ["ray.vllm.tensor_parallel_size=2", "ray.engine.num_gpus=2"])) == \
+        "object_store"                                                        # auto picks what works
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        transport.mode(load_config(job, ["ray.vllm.tensor_parallel_size=2", "ray.weight_transfer=collective"]))

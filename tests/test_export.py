@@ -121,3 +121,11 @@ def test_vllm_serves_an_export(tmp_path, tiny_model_dir):
     with torch.no_grad():
         ref = response_logprobs(load_causal_lm(str(out)), collate(prompts, responses, pad_id=0))[0].tolist()
     assert max(abs(a - b) for a, b in zip(engine.score(prompts, responses)[0], ref)) < 1e-4
+
+
+def test_export_never_replaces_the_run_it_reads(tmp_path, tiny_model_dir):
+    run = _per_user_run(tmp_path, tiny_model_dir)
+    for target in (run, tmp_path):
+        with pytest.raises(ExportError, match="would be replaced"):
+            export(run, target, user="ann")
+    assert (run / "adapters" / "ann" / "v000002" / "adapter_config.json").exists()

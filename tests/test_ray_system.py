@@ -181,8 +181,8 @@ def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer,
 
 def test_collective_publish_survives_an_engine_that_died_since_the_last(local_ray, tmp_path, tiny_model_dir,
                                                                        tiny_tokenizer):
-    """The group was formed with an engine that is now dead: the publish fails part-way, falls back to the object
-    store for every engine (the restarted one included), and the engines serve the learner's weights (1e-4)."""
+    """The group was formed with an engine that is now dead: the next publish sees its new pid, forms the group anew
+    with the restarted engine, and every engine serves the learner's weights (1e-4)."""
     import os
     import signal
 

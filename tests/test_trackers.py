@@ -80,3 +80,20 @@ def test_the_offline_trainer_reports_what_metrics_jsonl_holds(offline_trackers, 
     losses = [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
     assert _tensorboard_scalars(run_dir / "tensorboard")["loss"] == losses
     assert _mlflow_history(run_dir, "loss") == losses
+
+
+def test_a_tracker_that_fails_to_start_closes_the_ones_already_open(offline_trackers, monkeypatch):
+    from rayuid.records import trackers as module
+
+    closed = []
+
+    class Broken:
+        def __init__(self, *args):
+            raise RuntimeError("no such tracker server")
+
+    real = module._TensorBoard
+    monkeypatch.setattr(module, "_TensorBoard", type("TB", (real,), {"close": lambda self: closed.append(1)}))
+    monkeypatch.setattr(module, "_Wandb", Broken)
+    with pytest.raises(RuntimeError, match="no such tracker server"):
+        Trackers(["tensorboard", "wandb"], offline_trackers, "t", {})
+    assert closed == [1]

@@ -69,6 +69,9 @@ def export(run_dir: str | Path, to: str | Path, step: int | None = None, user: s
            merge_lora: bool = False) -> Path:
     """Write the weights to ``to``; returns it. See the module docstring for what is found where."""
     run_dir, to = Path(run_dir), Path(to)
+    if run_dir.resolve() == to.resolve() or run_dir.resolve().is_relative_to(to.resolve()):
+        raise ExportError(f"--to {to} is (or holds) the run being exported, and it would be replaced: pick another "
+                          "folder")
     folder = source_folder(run_dir, step, user)
     is_adapter = (folder / "adapter_config.json").exists()
     with atomic_folder(to) as tmp:

@@ -57,11 +57,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     teacher = TeacherWeights(model, cfg.teacher.weights, cfg.teacher.ema_rate)
     start = _restore(resume_from, optimizer, scheduler, teacher)
     trackers = Trackers(cfg.report_to, run_dir, cfg.run_name or run_dir.name, cfg.model_dump(mode="json"))
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start, trackers)
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
-    loop = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
-                pairs=pairs, order=order, batch_size=batch_size, metrics=metrics)
     try:
+        metrics = MetricsLog(run_dir / "metrics.jsonl", start, trackers)
+        loop = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
+                    pairs=pairs, order=order, batch_size=batch_size, metrics=metrics)
         last = _run_steps(cfg, start, end, total_steps, **loop)
         summary = _finish(cfg, run_dir, metrics, last, total_steps, len(pairs), report)
         trackers.images({"metrics": summary["plot"]})

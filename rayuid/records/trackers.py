@@ -108,12 +108,16 @@ class Trackers:
 
     def __init__(self, names: list[str], run_dir: str | Path, run_name: str, config: dict):
         kinds = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _Wandb}
-        self.open = [kinds[n](Path(run_dir), run_name, config) for n in dict.fromkeys(names)]
-        self.last_step = 0
+        self.open = []
+        try:
+            for name in dict.fromkeys(names):
+                self.open.append(kinds[name](Path(run_dir), run_name, config))
+        except BaseException:
+            self.close()  # those already open (an active MLflow run would block the next start_run)
+            raise
 
     def log(self, step: int, record: dict, prefix: str = "") -> None:
         values = flatten(record, prefix)
-        self.last_step = max(self.last_step, step)
         for tracker in self.open:
             tracker.log(step, values)
 
@@ -124,6 +128,12 @@ class Trackers:
                     tracker.image(name, Path(path))
 
     def close(self) -> None:
-        for tracker in self.open:
-            tracker.close()
-        self.open = []
+        """Close every tracker, each on its own: one that fails to flush does not keep the others open."""
+        trackers, self.open, failed = self.open, [], None
+        for tracker in trackers:
+            try:
+                tracker.close()
+            except Exception as err:  # noqa: BLE001 - re-raised once all are closed
+                failed = failed or err
+        if failed is not None:
+            raise failed

@@ -50,9 +50,9 @@ def run(cfg: TrainConfig) -> dict:
     source = build_source(cfg, tokenizer)
     system = spawn.build_system(cfg, source.total_steps)
     policy: Policy = PerUserPolicy(cfg, source) if spawn.per_user(cfg) else SharedPolicy(cfg, source)
-    calls = Calls(system, cfg.ray.call_timeout_s, cfg.ray.max_restarts)
-    trackers = Trackers(cfg.report_to, run_dir, cfg.run_name or run_dir.name, cfg.model_dump(mode="json"))
+    calls, trackers = Calls(system, cfg.ray.call_timeout_s, cfg.ray.max_restarts), None
     try:
+        trackers = Trackers(cfg.report_to, run_dir, cfg.run_name or run_dir.name, cfg.model_dump(mode="json"))
         calls, metrics, ledger = train_with_recovery(cfg, calls, policy, source, tokenizer, trackers)
         summary = {**finish(cfg, metrics.records(), ledger, source, system.precision),
                    "weight_transfer": system.transfer, **policy.finish(calls, tokenizer, run_dir)}
@@ -61,8 +61,11 @@ def run(cfg: TrainConfig) -> dict:
                          "results": run_dir / "results.png"})
         return summary
     finally:
-        trackers.close()
-        calls.system.shutdown()
+        try:
+            if trackers is not None:
+                trackers.close()
+        finally:
+            calls.system.shutdown()
 
 
 def train_with_recovery(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSource, tokenizer,
@@ -140,10 +143,10 @@ def online_step(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSourc
     ledger.record(step + 1, [s.id for s in samples])                                               # log
     source.write_samples(step + 1, samples, followups, versions)
     words = [len(s.generation.text.split()) for s in samples]
-    return {**clock.times, "step": step + 1, "interactions": len(samples),
-            "gen_versions": sorted({s.generation.version for s in samples}), "score_versions": sorted(set(versions)),
-            "mean_reply_words": sum(words) / max(len(words), 1), "publish_bytes": published["bytes"],
-            **policy.record(samples, stats, published, about)}, pending
+    return {**policy.record(samples, stats, published, about), **clock.times, "step": step + 1,  # the driver's keys
+            "interactions": len(samples), "gen_versions": sorted({s.generation.version for s in samples}),  # win
+            "score_versions": sorted(set(versions)), "mean_reply_words": sum(words) / max(len(words), 1),
+            "publish_bytes": published["bytes"]}, pending
 
 
 def offline_step(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSource, step: int,
@@ -158,8 +161,8 @@ def offline_step(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSour
     published = policy.publish(calls)                                                              # publish
     clock.lap("sync_s")
     ledger.record(step + 1, ids)                                                                   # log
-    return {**clock.times, "step": step + 1, "interactions": len(pairs), "score_versions": sorted(set(versions)),
-            "publish_bytes": published["bytes"], **policy.record([], stats, published, {})}
+    return {**policy.record([], stats, published, {}), **clock.times, "step": step + 1, "interactions": len(pairs),
+            "score_versions": sorted(set(versions)), "publish_bytes": published["bytes"]}
 
 
 def score(cfg: TrainConfig, calls: Calls, policy: Policy, users: list[str | None],

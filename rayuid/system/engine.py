@@ -10,10 +10,11 @@ CUDA ``vllm``.
   is unregistered only after the new one is in place, and engine calls run one at a time, so no request in flight
   ever sees a half-loaded adapter. A request for a user without an adapter gets the base model, or an error
   (``unknown_user="error"``).
-- ``load_weights``: a new policy version, packed in one buffer (``rayuid.sdpo.weights``). Full weights go through the
-  worker extension below into ``Worker.reload_weights`` (on CPU vLLM prepacks linear weights, so the plain
-  ``model.load_weights`` path fails); LoRA versions are written as an adapter folder and served under a new
-  ``LoRARequest`` id. The prefix cache is reset because cached KV was computed with the old weights.
+- ``load_weights``: a new policy version, packed in one buffer (``rayuid.sdpo.weights``). Full weights go through
+  the worker extension (``rayuid.system.vllm_worker``) into ``Worker.reload_weights`` (on CPU vLLM prepacks linear
+  weights, so the plain ``model.load_weights`` path fails); LoRA versions are written as an adapter folder and
+  served under a new ``LoRARequest`` id. The prefix cache is reset because cached KV was computed with the old
+  weights.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ rank) that loaded the wrong version or bytes, or did not answer in time.
 Ordering, kept by the driver (``rayuid.system.driver``; steps counted from 0, v=0 the initial weights):
 learn(step t) → publish(v=t+1) → every engine reports (v, checksum) → only then does step t+1 score, at v=t+1.
 Whether step t+1 also *generates* after that publish depends on ``online.max_staleness``: with 0 (the default) it
-does, so its replies come from v=t+1 too; with 1 (any value above 0 acts as 1) the replies of step t+1 are generated
+does, so its replies come from v=t+1 too; with 1 (the most it may be) the replies of step t+1 are generated
 while step t learns and publishes, so they come from v=t, one version behind (only generation overlaps: step t+1's
 simulated user, scoring and learning still come after the publish). Every sample records the version that
 generated it and the one that scored it (``gen_version``, ``score_version`` in ``samples.jsonl``). In a per-user run

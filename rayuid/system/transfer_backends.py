@@ -1,6 +1,7 @@
-"""rayuid's weight-transfer backend for CPU (``rayuid_gloo``) and its NCCL engine with a receive fingerprint
-(``rayuid_nccl``), as vLLM's factories want them: engine side (inside vLLM's worker) and trainer side (learner
-rank 0). Imported only when a collective transport is used: it imports vLLM (``rayuid.system.transport``)."""
+"""rayuid's weight-transfer backend for CPU (``rayuid_gloo``) and vLLM's NCCL / IPC engines with a receive digest
+(``rayuid_nccl``, ``rayuid_ipc``), as vLLM's factories want them: engine side (inside vLLM's worker) and trainer
+side (learner rank 0). It imports vLLM: the driver never imports it; every vLLM worker does, through
+``rayuid.system.vllm_worker``, and learner rank 0 when it opens a collective transport."""
 
 from __future__ import annotations
 

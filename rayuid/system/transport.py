@@ -176,10 +176,16 @@ class Source:
 
 def mode(cfg) -> str:
     """``ray.weight_transfer`` decided for this job: ``object_store`` or ``collective`` (``auto``: collective when
-    the learner and the engines have GPUs). LoRA and per-user runs publish adapters, always through the store."""
+    the learner and the engines have GPUs, and engines are not tensor-parallel). LoRA and per-user runs publish
+    adapters, always through the store."""
     r = cfg.ray
     if cfg.model.lora is not None:
         return "object_store"
     if r.weight_transfer == "auto":
-        return "collective" if r.learner.num_gpus > 0 and r.engine.num_gpus > 0 else "object_store"
+        gpus = r.learner.num_gpus > 0 and r.engine.num_gpus > 0
+        return "collective" if gpus and r.vllm.tensor_parallel_size == 1 else "object_store"
+    if r.weight_transfer == "collective" and r.vllm.tensor_parallel_size > 1:
+        raise ValueError("ray.weight_transfer=collective needs ray.vllm.tensor_parallel_size=1 (each engine is "
+                         "one rank of the transfer group); set ray.weight_transfer=object_store for tensor-parallel "
+                         "engines")
     return r.weight_transfer

@@ -53,7 +53,7 @@ class RolloutWorker:
                  users: list[str | None] | None = None, unknown_user: str = "base") -> list[list[Generation]]:
         return self.engine.generate(prompts, SamplingSettings.model_validate(sampling), seed, users, unknown_user)
 
-    def load_weights(self, blob: WeightsBlob) -> tuple[int, str]:
+    def load_weights(self, blob: WeightsBlob) -> tuple[int, str, float]:
         return self.engine.load_weights(blob)
 
     def load_adapter(self, user: str, blob: WeightsBlob) -> tuple[int, str]:

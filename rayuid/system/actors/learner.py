@@ -91,10 +91,12 @@ class LearnerWorker:
         return self.learner.send_weights(version, serve_dtype)
 
     def last_sent(self) -> list:
-        """``[ref, checksum, bytes]`` of the version last sent (or being sent) collectively, put in the object store:
-        what a restarted engine, or every engine after a failed transfer, loads instead."""
+        """``[ref, checksum, bytes, version]`` of the version last sent (or being sent) collectively, put in the
+        object store: what a restarted engine, or every engine after a failed transfer, loads instead."""
         blob = self.learner.last_sent
-        return [ray.put(blob), blob.checksum, blob.num_bytes]
+        if blob is None:
+            return [None, "", 0, -1]
+        return [ray.put(blob), blob.checksum, blob.num_bytes, blob.version]
 
     def close_transport(self) -> None:
         self.learner.close_transport()

@@ -53,6 +53,7 @@ class WeightSyncActor:
         self.adapters: dict[str, list] = {}  # user → [ObjectRef, checksum, bytes, version] of the served adapter
         self.bucket_bytes = bucket_bytes     # set: full weights go through the collective transport
         self.group_open = False              # the learner's transfer group with every engine is formed
+        self.group_pids: dict = {}           # engine → pid when the group formed (a restart means a new group)
         self.shared_gpu = shared_gpu         # engines on the learner's GPU: vLLM's ipc backend on CUDA
 
     def publish(self) -> dict:
@@ -60,7 +61,10 @@ class WeightSyncActor:
         reports (version, checksum); returns the ``PublishReport`` with the time of each part."""
         if self.bucket_bytes is not None:
             return self._publish_collective()
-        version = self.version + 1
+        return self._publish_store(self.version + 1)
+
+    def _publish_store(self, version: int) -> dict:
+        """``version`` through the object store: every rank exports, rank 0 puts one object, every engine loads it."""
         exports = self._wait({f"learner{r}": l.export_weights.remote(version, self.serve_dtype)
                               for r, l in enumerate(self.learners)}, version)
         out = exports["learner0"]  # {ref, checksum, bytes, export_s, put_s} from rank 0 only
@@ -80,11 +84,14 @@ class WeightSyncActor:
         what it received), which must equal what the learner sent."""
         version = self.version + 1
         t0 = time.perf_counter()
+        if self.group_open and self._engine_pids() != self.group_pids:  # an engine restarted since it formed
+            self._close_group(ignore_errors=True)
         try:
             self._open_group()
             exports = self._wait({f"learner{r}": l.send_weights.remote(version, self.serve_dtype)
                                   for r, l in enumerate(self.learners)}, version)
-        except (ray.exceptions.RayTaskError, *DIED) as err:  # e.g. an engine died mid-broadcast
+        except (ray.exceptions.RayTaskError, *DIED) as err:  # e.g. an engine died mid-broadcast (gloo: at once;
+            # NCCL: a dead peer may hang the broadcast until the group's timeout — then this is a SyncError)
             return self._publish_through_store(version, err)
         out = exports["learner0"]
         reports = self._wait({n: e.served.remote() for n, e in self.engines.items()}, version)
@@ -101,7 +108,10 @@ class WeightSyncActor:
                     str(err).splitlines()[0][:200])
         t0 = time.perf_counter()
         self._close_group(ignore_errors=True)
-        self.blob_ref, checksum, num_bytes = ray.get(self.learners[0].last_sent.remote(), timeout=self.timeout_s)
+        self.blob_ref, checksum, num_bytes, sent_version = ray.get(self.learners[0].last_sent.remote(),
+                                                                   timeout=self.timeout_s)
+        if sent_version != version:  # the failure came before rank 0 packed this version: export it now
+            return self._publish_store(version)
         reports = self._load(list(self.engines), version)
         check_loaded(version, checksum, reports)
         self.version, self.checksum = version, checksum
@@ -115,16 +125,28 @@ class WeightSyncActor:
         address, port = ray.get([lead.node_ip.remote(), lead.free_port.remote()], timeout=self.timeout_s)
         self._wait({"learner0": lead.open_transport.remote(self.engines, address, port, self.bucket_bytes,
                                                            self.timeout_s, self.shared_gpu)}, self.version + 1)
-        self.group_open = True
+        self.group_open, self.group_pids = True, self._engine_pids()
 
-    def _close_group(self, ignore_errors: bool = False) -> None:
+    def _engine_pids(self) -> dict:
+        """Each engine's process id, waiting for one that Ray is restarting (a new pid: a new group)."""
+        pids = {}
+        for name, engine in self.engines.items():
+            try:
+                pids[name] = ray.get(engine.pid.remote(), timeout=self.timeout_s)
+            except DIED:
+                self._wait_alive(name)
+                pids[name] = ray.get(engine.pid.remote(), timeout=self.timeout_s)
+        return pids
+
+    def _close_group(self, ignore_errors: bool = False, learner: bool = True) -> None:
         """A group's size is fixed when it is formed: after an engine restart it is formed anew at the next publish.
         ``ignore_errors``: after a failed transfer, members that died or hold a broken group are skipped."""
         if not self.group_open:
             return
         self.group_open = False
-        refs = {"learner0": self.learners[0].close_transport.remote(),
-                **{n: e.transfer_close.remote() for n, e in self.engines.items()}}
+        refs = {n: e.transfer_close.remote() for n, e in self.engines.items()}
+        if learner:  # (a rebuilt learner group holds no transfer group)
+            refs["learner0"] = self.learners[0].close_transport.remote()
         if not ignore_errors:
             self._wait(refs, self.version)
             return
@@ -175,9 +197,11 @@ class WeightSyncActor:
         collective = self.bucket_bytes is not None
         if (self.blob_ref is None and not collective) or (collective and not self.checksum):
             return 0  # nothing published yet: the restarted engine's initial weights are current
-        if collective:  # catch up through the object store: the exact bytes last sent
-            self.blob_ref = ray.get(self.learners[0].last_sent.remote(), timeout=self.timeout_s)[0]
-        check_loaded(self.version, self.checksum, self._load([name], self.version))
+        checksum = self.checksum
+        if collective:  # catch up through the object store: the exact bytes last sent (checked by their XXH3; what
+            # a GPU engine reported after a collective publish was a Digest of the same tensors)
+            self.blob_ref, checksum, _, _ = ray.get(self.learners[0].last_sent.remote(), timeout=self.timeout_s)
+        check_loaded(self.version, checksum, self._load([name], self.version))
         if collective:
             self._close_group()
         return self.version
@@ -215,9 +239,7 @@ class WeightSyncActor:
     def set_learners(self, learners: list) -> None:
         """After the learner group was rebuilt (a new rank 0 holds no transfer group: it is formed again)."""
         self.learners = learners
-        if self.group_open:
-            self._wait({n: e.transfer_close.remote() for n, e in self.engines.items()}, self.version)
-            self.group_open = False
+        self._close_group(ignore_errors=True, learner=False)
 
     def current(self) -> dict:
         return {"version": self.version, "checksum": self.checksum}
