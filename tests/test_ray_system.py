@@ -211,6 +211,37 @@ def test_collective_publish_survives_an_engine_that_died_since_the_last(local_ra
         system.shutdown()
 
 
+def test_a_collective_publish_that_breaks_part_way_falls_back_to_the_store(local_ray, tmp_path, tiny_model_dir,
+                                                                          tiny_tokenizer):
+    """engine1 leaves the group (same process, so no pid change): the broadcast fails part-way, the version goes to
+    every engine through the object store instead, checked as always, and the next publish forms the group anew."""
+    import ray
+
+    from rayuid.data.templates import ScoringPair
+    from rayuid.system.actors.spawn import build_system
+
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "ray.rollout_workers=2", "ray.engine.num_cpus=0.5",
+                 "ray.learner.num_cpus=0.5", "ray.weight_transfer=collective")
+    system = build_system(cfg, total_steps=2)
+    try:
+        assert ray.get(system.sync.publish.remote())["export_s"] > 0                  # collective: the learner packs
+        ray.get(system.engines["engine1"].transfer_close.remote())                    # a broken member
+        ray.get(system.learners[0].train_step.remote(_pairs(tiny_tokenizer, 4), None, 4))
+        fallback = ray.get(system.sync.publish.remote())
+        assert fallback["version"] == 2 and fallback["engines"] == {"engine0": 2, "engine1": 2}
+        assert fallback["export_s"] == 0.0 and fallback["fanout_s"] > 0                 # the store path's report
+        prompt = _pairs(tiny_tokenizer, 1)[0].student_prompt
+        for name in ("engine0", "engine1"):
+            sampled = ray.get(system.engines[name].generate.remote([prompt], {"max_tokens": 8}, 3))[0][0]
+            replay = ScoringPair("r", prompt, prompt, sampled.token_ids)
+            replay_lp = ray.get(system.learners[0].response_logprobs.remote([replay]))[0]
+            assert sampled.version == 2 and max(abs(a - b) for a, b in zip(sampled.logprobs, replay_lp)) < 1e-4
+        again = ray.get(system.sync.publish.remote())
+        assert again["version"] == 3 and again["export_s"] > 0                         # collective again
+    finally:
+        system.shutdown()
+
+
 def _pairs(tokenizer, n: int) -> list:
     from rayuid.data.extract import Interaction
     from rayuid.data.templates import build_pair
