@@ -232,12 +232,22 @@ class FakeEngine:
 
 
 class FakeSync:
-    """The WeightSyncActor's ``sync_engine`` without weights: records the engine and reports version 0."""
+    """The WeightSyncActor's ``sync_engine`` without weights: like the real one it waits until Ray has restarted the
+    engine (it answers again), then records it and reports version 0."""
 
-    def __init__(self):
-        self.synced: list[str] = []
+    def __init__(self, engines: dict | None = None):
+        self.engines, self.synced = engines or {}, []
 
     def sync_engine(self, name: str) -> int:
+        deadline = time.monotonic() + 30
+        while name in self.engines:
+            try:
+                ray.get(self.engines[name].version.remote(), timeout=30)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         self.synced.append(name)
         return 0
 
@@ -270,7 +280,7 @@ def _attempts(root: Path, name: str) -> int:
 def test_calls_engines_submits_every_shard_then_retries_the_dead_one(local_ray, tmp_path):
     engine = ray.remote(FakeEngine).options(num_cpus=0, max_restarts=1, max_task_retries=0)
     engines = {n: engine.remote(n, str(tmp_path)) for n in ("engine0", "engine1")}
-    sync = ray.remote(FakeSync).options(num_cpus=0).remote()
+    sync = ray.remote(FakeSync).options(num_cpus=0).remote(engines)
     ray.get([h.version.remote() for h in engines.values()] + [sync.names.remote()], timeout=60)
     calls = Calls(system=SimpleNamespace(engines=engines, sync=sync, user=None), timeout_s=30, retries=1)
     # engine0 finishes only once engine1's shard has started: were engine1's not submitted before engine0's result

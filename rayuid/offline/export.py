@@ -24,7 +24,7 @@ import yaml
 from rayuid.records import checkpoint as ckpt
 from rayuid.records.atomic import atomic_folder
 
-DRIVER_STATE = "driver_state.json"   # written by the Ray driver's checkpoints (rayuid.system.policy)
+DRIVER_STATE = ckpt.DRIVER_STATE  # written by the Ray driver's checkpoints (rayuid.system.policy)
 RESUME_ONLY = {ckpt.STATE_FILE, "adapter_state.pt", DRIVER_STATE}  # rayuid's resume state: not for serving
 
 
@@ -33,8 +33,7 @@ class ExportError(ValueError):
 
 
 def _step_dir(run_dir: Path, step: int | None) -> Path:
-    found = [p for p in ckpt.list_checkpoints(run_dir, marker=ckpt.STATE_FILE)] + \
-        [p for p in ckpt.list_checkpoints(run_dir, marker=DRIVER_STATE)]
+    found = ckpt.list_checkpoints(run_dir, marker=ckpt.STATE_FILE) + ckpt.list_checkpoints(run_dir, marker=DRIVER_STATE)
     if not found:
         raise ExportError(f"{run_dir} has no complete checkpoint under checkpoints/ (was checkpoint.every_steps or "
                           "the final save off?)")

@@ -18,6 +18,7 @@ import torch
 from rayuid.records.atomic import atomic_folder
 
 STATE_FILE = "trainer_state.pt"
+DRIVER_STATE = "driver_state.json"  # a Ray run's checkpoint: the driver's state, written last (marks it complete)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

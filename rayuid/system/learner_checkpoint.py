@@ -57,7 +57,7 @@ class FsdpLearner(Protocol):
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]: ...
 
 META_FILE = "learner.json"
-EXTRA_FILE = "driver_state.json"
+EXTRA_FILE = ckpt.DRIVER_STATE
 
 
 def _options(learner: FsdpLearner) -> StateDictOptions:

@@ -30,14 +30,11 @@ def start_engine(model: str, settings: dict, enable_lora: bool, seed: int, threa
     if threads:
         torch.set_num_threads(threads)
     backend = None
-    if transfer == "collective":
+    if transfer in ("collective", "collective-shared-gpu"):  # shared: the learner computes on this engine's GPU
         from rayuid.system import transport
 
-        backend = transport.engine_backend("cuda" if torch.cuda.is_available() else "cpu")
-    elif transfer == "collective-shared-gpu":  # the learner computes on this engine's GPU
-        from rayuid.system import transport
-
-        backend = transport.engine_backend("cuda" if torch.cuda.is_available() else "cpu", shared_gpu=True)
+        backend = transport.engine_backend("cuda" if torch.cuda.is_available() else "cpu",
+                                           shared_gpu=transfer == "collective-shared-gpu")
     engine = VllmEngine(resolve_model(model), EngineSettings.model_validate(settings), enable_lora, seed, backend)
     log.info("vLLM engine for %s on %s: dtype %s, %d threads", model, precision.describe(), engine.dtype,
              torch.get_num_threads())
