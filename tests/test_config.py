@@ -20,13 +20,24 @@ from rayuid.config import (
     parse_overrides,
 )
 
-JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
+RUNTIME_ENV = Path(__file__).resolve().parents[1] / "jobs" / "runtime_env.yaml"  # for `ray job submit`, not a job
+JOBS = sorted(p for p in RUNTIME_ENV.parent.glob("*.yaml") if p != RUNTIME_ENV)
 
 
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
 def test_every_shipped_job_config_parses(path):
     cfg = load_config(path)
     assert isinstance(cfg, TrainConfig)
+
+
+def test_the_shipped_runtime_env_is_valid_for_ray_and_keeps_runs_and_venvs_out():
+    import yaml
+    from ray.runtime_env import RuntimeEnv
+
+    env = RuntimeEnv(**yaml.safe_load(RUNTIME_ENV.read_text()))   # Ray's own validation of every field
+    assert {"runs/", ".venv/", ".git/"} <= set(env["excludes"])
+    assert env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert not any(k.startswith("AWS_SECRET") or k.endswith("TOKEN") for k in env["env_vars"])  # no secrets
 
 
 def test_paper_offline_setting():

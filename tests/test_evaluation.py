@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rayuid.system.evaluation import eval_point, table, write_curve
@@ -62,3 +64,29 @@ def test_apologies_are_counted_as_a_quality_guard():
     assert [apologizes(r) for r in yes + no] == [True] * 3 + [False] * 2
     point = eval_point("concise", {}, 0, 0, ["a", "b"], ["I'm sorry, no.", "Fine."])
     assert point["apology_rate"] == 0.5
+
+
+def test_the_base_and_oracle_replies_come_from_one_greedy_batch(monkeypatch):
+    """The first evaluation answers the held-out prompts and their in-context-oracle versions in one engine call
+    (one decode pass serves both); later evaluations ask for the held-out prompts alone."""
+    from rayuid.config import load_config
+    from rayuid.data.prompts import Prompt
+    from rayuid.system import evaluation
+
+    batches = []
+
+    def fake_greedy(calls, tokenizer, prompts, options, max_tokens):
+        batches.append(prompts)
+        return ["word " * 60 if p.messages[0]["role"] == "user" else "short" for p in prompts]
+
+    monkeypatch.setattr(evaluation, "greedy_replies", fake_greedy)
+    cfg = load_config(Path(__file__).parents[1] / "jobs" / "online_smollm2_concise.yaml", [])
+    prompts = [Prompt(f"p{i}", [{"role": "user", "content": f"question {i}"}]) for i in range(3)]
+    heldout = evaluation.HeldoutEval(cfg, prompts, options=None)
+    first = heldout(None, None, 0, 0)
+    assert len(batches) == 1 and batches[0][:3] == prompts and len(batches[0]) == 6
+    assert all(p.messages[0]["role"] == "system" for p in batches[0][3:])
+    assert heldout.base == ["word " * 60] * 3 and first["adherence"] == 0.0
+    assert heldout.oracle["adherence"] == 1.0 and heldout.oracle["win_rate_vs_base"]["wins"] == 3
+    heldout(None, None, 8, 1)
+    assert len(batches) == 2 and batches[1] == prompts

@@ -167,17 +167,42 @@ def test_phase_starts_and_oracles_follow_each_users_own_schedule_and_params(monk
     ev.prompts = [Prompt(f"p{i}", [{"role": "user", "content": f"q{i}"}]) for i in range(2)]
     u_words, calls = [9, 8, 5, 1], []
 
-    def greedy(system, tokenizer, prompts, users):  # call 0: base, 1: oracles, 2+: the evaluation of step k-2
+    def greedy(system, tokenizer, prompts, users):  # one call per step; the first also answers base and oracles
         k = len(calls)
         calls.append((len(prompts), list(users)))
-        words = [9 if k == 0 else 2 if k == 1 else u_words[k - 2] if u == "u" else 8 for u in users]
+        words = [2 if p.messages[0]["role"] == "system" else 9 if u is None else u_words[k] if u == "u" else 8
+                 for p, u in zip(prompts, users)]
         return [" ".join(["w"] * n) for n in words]
 
     monkeypatch.setattr(ev, "_greedy", greedy)
     for step in range(4):
         ev(None, None, step, {"u": step, "v": step})
-    assert calls[1][0] == 6 and sorted(ev.oracle) == ["concise|max_words=3.0", "concise|max_words=9.0", "detailed"]
+    assert [n for n, _ in calls] == [2 + 3 * 2 + 2 * 2, 4, 4, 4]            # base + 3 oracles + 2 users, then users
+    assert sorted(ev.oracle) == ["concise|max_words=3.0", "concise|max_words=9.0", "detailed"]
     assert sorted(ev.phase_start) == ["u/0", "u/1", "u/2", "v/0"]
     last = {r["persona"]: r for r in ev.rows if r["user"] == "u" and r["step"] == 3}
     assert last["concise"]["active"] and last["concise"]["win_rate_vs_phase_start"] == 1.0   # 1 word vs 5 at step 2
     assert last["concise"]["adherence"] == 1.0 and last["detailed"]["active"] is False
+
+
+def test_the_first_evaluation_answers_base_oracle_and_adapters_in_one_greedy_batch(monkeypatch):
+    from rayuid.data.prompts import Prompt
+    from rayuid.system import personal_eval
+
+    ev = _eval([{"id": "a", "personas": ["concise"], "params": {"concise": {"max_words": 3}}},
+                {"id": "b", "personas": ["concise"], "params": {"concise": {"max_words": 3}}}])
+    ev.prompts = [Prompt(f"p{k}", [{"role": "user", "content": f"Question {k}?"}]) for k in range(2)]
+    batches = []
+
+    def fake_greedy(calls, tokenizer, prompts, options, max_tokens, users, unknown_user):
+        batches.append(list(zip([p.messages[0]["role"] for p in prompts], users)))
+        return ["w " * 9 if user is None and p.messages[0]["role"] == "user" else "ok"
+                for p, user in zip(prompts, users)]
+
+    monkeypatch.setattr(personal_eval, "greedy_replies", fake_greedy)
+    rows = ev(None, None, 0, {})
+    assert batches == [[("user", None)] * 2 + [("system", None)] * 2 + [("user", "a")] * 2 + [("user", "b")] * 2]
+    assert ev.base == ["w " * 9] * 2 and list(ev.oracle.values()) == [["ok", "ok"]]  # one oracle: same persona
+    assert [r["adherence"] for r in rows] == [1.0, 1.0] and ev.replies == {"a": ["ok", "ok"], "b": ["ok", "ok"]}
+    ev(None, None, 2, {"a": 1, "b": 1})
+    assert batches[1] == [("user", "a")] * 2 + [("user", "b")] * 2                    # later: the adapters only

@@ -44,8 +44,10 @@ def offline_trackers(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_every_tracker_gets_the_records_read_back(offline_trackers):
+def test_every_tracker_gets_the_records_read_back(offline_trackers, monkeypatch):
     run_dir = offline_trackers
+    (run_dir / "cwd").mkdir()
+    monkeypatch.chdir(run_dir / "cwd")
     trackers = Trackers(["tensorboard", "mlflow", "wandb"], run_dir, "t", {"optim": {"lr": 1e-5}})
     for record in RECORDS:
         trackers.log(record["step"], record)
@@ -61,6 +63,8 @@ def test_every_tracker_gets_the_records_read_back(offline_trackers):
     assert scalars["eval/win_rate_vs_base/rate"] == [(3, pytest.approx(0.9))] and "note" not in scalars
     assert _mlflow_history(run_dir, "users/ann/loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
     assert _mlflow_history(run_dir, "eval/adherence") == [(3, 0.75)]
+    assert glob.glob(str(run_dir / "mlflow-artifacts" / "*" / "artifacts" / "plots" / "p.png"))  # the run's, not
+    assert os.listdir(run_dir / "cwd") == []                                                     # ./mlruns
     (wandb_run,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))   # W&B offline: for wandb sync
     assert os.path.getsize(wandb_run) > 0
 

@@ -130,3 +130,26 @@ def test_a_transport_that_delivers_other_bytes_is_caught_naming_the_engine(gloo_
     assert engine.version == 7 and engine.checksum != blob.checksum
     with pytest.raises(SyncError, match="engine0"):
         check_loaded(7, blob.checksum, {"engine0": (engine.version, engine.checksum, 0.0)})
+
+
+@pytest.mark.slow
+def test_an_update_a_failed_publish_left_open_does_not_block_the_next(gloo_engine):
+    """A publish that fails after an engine's ``start_weight_update`` leaves vLLM's update session open (vLLM closes
+    it only when ``update_weights`` raised) and vLLM then refuses every later start: the store fallback and the
+    next collective publish still serve their version."""
+    engine, sender, client, folder = gloo_engine
+    model = load_causal_lm(folder)
+    packer = FlatPacker()
+    for version, path in ((11, "store"), (12, "collective")):
+        engine.transfer_start()                               # the start of a publish that failed right after
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        blob = packer.pack(model.state_dict(), version)
+        if path == "store":
+            assert engine.load_weights(blob)[:2] == (version, blob.checksum)
+        else:
+            transport.send(sender, blob, client)
+            check_loaded(version, blob.checksum, {"engine0": (engine.version, engine.checksum, 0.0)})
+        for got, ref in zip(engine.score(PROMPTS, RESPONSES), _scores(model)):
+            assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4

@@ -309,3 +309,55 @@ def test_calls_user_gives_up_after_its_retries(local_ray, tmp_path):
     with pytest.raises(ACTOR_DIED):
         calls.user("respond", [(["p0"], ["r0"])])
     assert _attempts(tmp_path, "user") == 1
+
+
+# --- rayuid.system.driver.train_with_recovery: what counts as a lost learner ------------------------------------
+
+
+def _raised_by_a_task(cause: Exception) -> Exception:
+    """The exception ``ray.get`` raises for a remote call that failed with ``cause`` (Ray's own wrapping)."""
+    return ray.exceptions.RayTaskError("WeightSyncActor.publish", "traceback", cause).as_instanceof_cause()
+
+
+class RecoveringPolicy:
+    """``restore`` / ``restart_learners`` of a Policy, counted; the learners' state is not what is tested here."""
+
+    def __init__(self):
+        self.restores, self.restarts = [], 0
+
+    def restore(self, calls, republish: bool):
+        self.restores.append(republish)
+        return 0, Ledger()
+
+    def restart_learners(self, calls):
+        self.restarts += 1
+        return calls
+
+
+@pytest.mark.parametrize("error, recovered", [
+    (_raised_by_a_task(ray.exceptions.OwnerDiedError(ray.ObjectRef.nil().hex(), b"", "")), True),  # (seen in CI)
+    (_raised_by_a_task(ray.exceptions.ObjectLostError(ray.ObjectRef.nil().hex(), b"", "")), True),  # its node died
+    (ray.exceptions.ActorDiedError(), True),
+    (_raised_by_a_task(ValueError("a bug")), False)])
+def test_a_learner_lost_directly_or_with_the_weights_it_owned_restarts_the_learners(monkeypatch, tmp_path, error,
+                                                                                     recovered):
+    from rayuid.system import driver
+
+    attempts = []
+
+    def loop(*args):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise error
+
+    monkeypatch.setattr(driver, "loop", loop)
+    cfg = SimpleNamespace(ray=SimpleNamespace(max_restarts=1))
+    source = SimpleNamespace(run_dir=tmp_path, truncate_samples=lambda step: None)
+    policy = RecoveringPolicy()
+    if not recovered:
+        with pytest.raises(ValueError):                                       # a bug is not a lost learner
+            driver.train_with_recovery(cfg, None, policy, source, None)
+        assert policy.restarts == 0 and len(attempts) == 1
+        return
+    driver.train_with_recovery(cfg, None, policy, source, None)
+    assert policy.restarts == 1 and len(attempts) == 2 and policy.restores == [False, True]  # resumed, republished

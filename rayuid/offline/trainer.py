@@ -21,6 +21,8 @@ from rayuid import precision
 from rayuid.config import TrainConfig, dump_config
 from rayuid.data.pairs import example_order, load_pairs
 from rayuid.records import checkpoint as ckpt
+from rayuid.records import storage
+from rayuid.records.storage import RunDir
 from rayuid.records.metrics import MetricsLog
 from rayuid.records.plots import plot_metrics
 from rayuid.records.trackers import Trackers
@@ -37,15 +39,17 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
 
     ``stop_after``: end the process's work after that many optimizer steps (simulates an interruption in tests).
     """
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    records = RunDir(cfg.run_dir)  # written here, uploaded to run_dir's storage (a no-op for a local run_dir)
+    records.pull()
+    run_dir = records.local
     dump_config(cfg, run_dir / "config.yaml")
     cfg = precision.decide_model(cfg)  # `auto` decided for this process's device
     log.info("offline trainer: %s", precision.model_report(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    resume_from = ckpt.latest_checkpoint(run_dir) if cfg.checkpoint.resume else None
+    latest = ckpt.latest_checkpoint(cfg.run_dir) if cfg.checkpoint.resume else None
+    resume_from = storage.fetch(latest, run_dir / "checkpoints" / "resume") if latest else None
     tokenizer = load_tokenizer(resolve_model(cfg.model.name))
     pairs, report = load_pairs(cfg, tokenizer)
     (run_dir / "extract_report.json").write_text(json.dumps(report, indent=2))
@@ -56,18 +60,20 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     teacher = TeacherWeights(model, cfg.teacher.weights, cfg.teacher.ema_rate)
     start = _restore(resume_from, optimizer, scheduler, teacher)
-    trackers = Trackers(cfg.report_to, run_dir, cfg.run_name or run_dir.name, cfg.model_dump(mode="json"))
+    name = cfg.run_name or records.location.rstrip("/").rsplit("/", 1)[-1]
+    trackers = Trackers(cfg.report_to, run_dir, name, cfg.model_dump(mode="json"))
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     try:
         metrics = MetricsLog(run_dir / "metrics.jsonl", start, trackers)
         loop = dict(model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                     pairs=pairs, order=order, batch_size=batch_size, metrics=metrics)
         last = _run_steps(cfg, start, end, total_steps, **loop)
-        summary = _finish(cfg, run_dir, metrics, last, total_steps, len(pairs), report)
+        summary = _finish(cfg, records, metrics, last, total_steps, len(pairs), report)
         trackers.images({"metrics": summary["plot"]})
-        return summary
+        return records.located(summary)
     finally:
         trackers.close()
+        records.push()
 
 
 def _restore(resume_from: Path | None, optimizer, scheduler, teacher: TeacherWeights) -> int:
@@ -83,7 +89,7 @@ def _restore(resume_from: Path | None, optimizer, scheduler, teacher: TeacherWei
 
 
 def _run_steps(cfg: TrainConfig, start: int, end: int, total: int, *, model, tokenizer, optimizer, scheduler,
-               teacher, pairs, order, batch_size, metrics) -> Path | None:
+               teacher, pairs, order, batch_size, metrics) -> str | None:
     last_ckpt = None
     every = cfg.checkpoint.every_steps
     bar = tqdm(range(start, end), initial=start, total=total, desc="sdpo offline", unit="step")
@@ -107,13 +113,13 @@ def _run_steps(cfg: TrainConfig, start: int, end: int, total: int, *, model, tok
     return last_ckpt
 
 
-def _finish(cfg: TrainConfig, run_dir: Path, metrics: MetricsLog, last_ckpt: Path | None, total: int,
+def _finish(cfg: TrainConfig, run: RunDir, metrics: MetricsLog, last_ckpt: str | None, total: int,
             num_pairs: int, report: dict) -> dict:
-    records = metrics.records()
+    run_dir, records = run.local, metrics.records()
     teacher_s = sum(r["teacher_s"] for r in records)
     busy = sum(r["teacher_s"] + r["student_s"] for r in records) or 1.0
     summary = dict(
-        run_dir=str(run_dir), steps_done=len(records), total_steps=total, interactions_available=num_pairs,
+        run_dir=run.location, steps_done=len(records), total_steps=total, interactions_available=num_pairs,
         interactions_trained=sum(r["interactions"] for r in records),
         rejected=report["rejected"],
         first_loss=records[0]["loss"] if records else None, final_loss=records[-1]["loss"] if records else None,
@@ -121,9 +127,9 @@ def _finish(cfg: TrainConfig, run_dir: Path, metrics: MetricsLog, last_ckpt: Pat
         mean_adv_last=records[-1].get("adv_mean") if records else None,
         tokens_per_s=sum(r["tokens_processed"] for r in records) / max(sum(r["seconds"] for r in records), 1e-9),
         teacher_time_share=teacher_s / busy,
-        checkpoint=str(last_ckpt or ckpt.latest_checkpoint(run_dir) or ""),
+        checkpoint=last_ckpt or ckpt.latest_checkpoint(run.location) or "",
         metrics=str(metrics.path), plot=str(plot_metrics(records, run_dir / "metrics.png")) if records else None,
         precision={"trainer": precision.model_report(cfg)},
     )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / "summary.json").write_text(json.dumps(run.located(summary), indent=2))
     return summary

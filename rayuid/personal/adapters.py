@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from rayuid.config import USER_ID_PATTERN, TrainConfig
 from rayuid.data.templates import ScoringPair
+from rayuid.records import storage
 from rayuid.records.atomic import atomic_folder
 from rayuid.sdpo.models import load_causal_lm, load_tokenizer, resolve_model
 from rayuid.sdpo.optim import build_optimizer, optimizer_step
@@ -44,27 +44,24 @@ def check_user_id(user: str) -> str:
 
 
 class AdapterStore:
-    """``root/<user>/v<version>/`` folders; a version is complete once its ``adapter_state.pt`` exists."""
+    """``root/<user>/v<version>/`` folders (``root``: a local path or a URI, ``rayuid.records.storage``); a version
+    is complete once its ``adapter_state.pt`` exists (written last)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = storage.join(root)
 
-    def path(self, user: str, version: int) -> Path:
-        return self.root / check_user_id(user) / f"v{version:06d}"
+    def path(self, user: str, version: int) -> str:
+        return storage.join(self.root, check_user_id(user), f"v{version:06d}")
 
     def versions(self, user: str) -> list[int]:
-        folder = self.root / check_user_id(user)
-        if not folder.is_dir():
-            return []
-        found = [int(m.group(1)) for p in folder.iterdir() if (m := _VERSION_DIR.match(p.name))]
-        return sorted(v for v in found if (self.path(user, v) / STATE_FILE).exists())
+        folder = storage.join(self.root, check_user_id(user))
+        found = [int(m.group(1)) for name in storage.listdir(folder) if (m := _VERSION_DIR.match(name))]
+        return sorted(v for v in found if storage.exists(storage.join(self.path(user, v), STATE_FILE)))
 
     def users(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and USER_ID.match(p.name) and self.versions(p.name))
+        return [name for name in storage.listdir(self.root) if USER_ID.match(name) and self.versions(name)]
 
-    def latest(self, user: str) -> Path | None:
+    def latest(self, user: str) -> str | None:
         found = self.versions(user)
         return self.path(user, found[-1]) if found else None
 
@@ -72,7 +69,7 @@ class AdapterStore:
         """Drop all but the newest ``keep_last`` versions of ``user`` (and those in ``keep``)."""
         for version in self.versions(user)[:-keep_last]:
             if version not in keep:
-                shutil.rmtree(self.path(user, version), ignore_errors=True)
+                storage.delete(self.path(user, version))
 
 
 class UserAdapters:
@@ -176,22 +173,31 @@ class UserAdapters:
                 lp = response_logprobs(self.model, batch, self.cfg.loss.chunk_size)
         return [lp[i, : len(p.response)].float().tolist() for i, p in enumerate(pairs)]
 
-    def save(self, store: AdapterStore, user: str) -> Path:
-        """Write ``user``'s current version (atomically: temp folder, then rename)."""
+    def save(self, store: AdapterStore, user: str) -> str:
+        """Write ``user``'s current version atomically (a renamed temp folder, or uploaded with its state last)."""
         final = store.path(user, self.versions[user])
-        with atomic_folder(final) as tmp:
+        remote = storage.is_remote(final)
+        with storage.scratch("adapter") if remote else atomic_folder(Path(final)) as tmp:
             write_adapter(self.export(user), tmp)
             optimizer, scheduler = self.optimizers[user]
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "teacher": self.teachers[user].state_dict(), "version": self.versions[user]}, tmp / STATE_FILE)
+            if remote:
+                storage.put_folder(tmp, final, last=STATE_FILE)
         return final
 
     def load(self, user: str, folder: str | Path) -> int:
-        """Restore ``user``'s adapter, optimizer, schedule and teacher from a ``save`` folder; returns its version."""
+        """Restore ``user``'s adapter, optimizer, schedule and teacher from a ``save`` folder (a local path or a
+        URI); returns its version."""
+        if not storage.is_remote(folder):
+            return self._load(user, Path(folder))
+        with storage.scratch("adapter") as tmp:
+            return self._load(user, storage.get_folder(folder, tmp))
+
+    def _load(self, user: str, folder: Path) -> int:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        folder = Path(folder)
         self.ensure(user)
         set_peft_model_state_dict(self.model, load_file(str(folder / "adapter_model.safetensors")), adapter_name=user)
         state = torch.load(folder / STATE_FILE, weights_only=False)

@@ -2,19 +2,21 @@
 
 Layout: ``RUN_DIR/checkpoints/step-000012/`` holding the model (``save_pretrained``: safetensors, or a PEFT adapter)
 and its tokenizer, and ``trainer_state.pt`` (optimizer, scheduler, RNG states, step, data position, teacher shadow).
-Each checkpoint is written to a temporary folder and renamed into place, so a crash never leaves a half checkpoint.
+Each checkpoint is written to a temporary folder and renamed into place (or, when ``run_dir`` is a URI, uploaded
+with its marker file last: ``rayuid.records.storage``), so a crash never leaves a half checkpoint that counts.
+Checkpoints are named by their location: a local path or a URI, as a str.
 """
 
 from __future__ import annotations
 
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rayuid.records import storage
 from rayuid.records.atomic import atomic_folder
 
 STATE_FILE = "trainer_state.pt"
@@ -22,24 +24,23 @@ DRIVER_STATE = "driver_state.json"  # a Ray run's checkpoint: the driver's state
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def checkpoints_dir(run_dir: str | Path) -> str:
+    return storage.join(run_dir, "checkpoints")
 
 
-def step_dir(run_dir: str | Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"step-{step:06d}"
+def step_dir(run_dir: str | Path, step: int) -> str:
+    return storage.join(run_dir, "checkpoints", f"step-{step:06d}")
 
 
-def list_checkpoints(run_dir: str | Path, marker: str = STATE_FILE) -> list[Path]:
+def list_checkpoints(run_dir: str | Path, marker: str = STATE_FILE) -> list[str]:
     """Complete checkpoints (those holding ``marker``), oldest first; a temp folder never matches ``step-N``."""
     root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found) if (p / marker).exists()]
+    found = sorted((int(m.group(1)), storage.join(root, name)) for name in storage.listdir(root)
+                   if (m := _STEP_DIR.match(name)))
+    return [p for _, p in found if storage.exists(storage.join(p, marker))]
 
 
-def latest_checkpoint(run_dir: str | Path, marker: str = STATE_FILE) -> Path | None:
+def latest_checkpoint(run_dir: str | Path, marker: str = STATE_FILE) -> str | None:
     found = list_checkpoints(run_dir, marker)
     return found[-1] if found else None
 
@@ -47,7 +48,7 @@ def latest_checkpoint(run_dir: str | Path, marker: str = STATE_FILE) -> Path | N
 def prune_checkpoints(run_dir: str | Path, keep_last: int, marker: str = STATE_FILE) -> None:
     """Keep only the newest ``keep_last`` complete checkpoints."""
     for old in list_checkpoints(run_dir, marker)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        storage.delete(old)
 
 
 def rng_state() -> dict:
@@ -60,13 +61,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> Path:
-    """Write ``step-N`` atomically and keep only the newest ``keep_last`` checkpoints."""
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict, keep_last: int = 2) -> str:
+    """Write ``step-N`` atomically (locally: a renamed temp folder; a URI: uploaded, ``STATE_FILE`` last) and keep
+    only the newest ``keep_last`` checkpoints."""
     final = step_dir(run_dir, step)
-    with atomic_folder(final) as tmp:
+    remote = storage.is_remote(final)
+    with storage.scratch("ckpt") if remote else atomic_folder(Path(final)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(dict(state, step=step, rng=rng_state()), tmp / STATE_FILE)
+        if remote:
+            storage.delete(final)
+            storage.put_folder(tmp, final, last=STATE_FILE)
     prune_checkpoints(run_dir, keep_last)
     return final
 

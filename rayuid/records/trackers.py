@@ -5,7 +5,8 @@ Where each writes, from the standard settings of each tool:
 
 - tensorboard: ``RUN_DIR/tensorboard`` (``tensorboard --logdir RUN_DIR/tensorboard``);
 - mlflow: ``MLFLOW_TRACKING_URI`` if set, else a SQLite store ``RUN_DIR/mlflow.db`` (``mlflow ui --backend-store-uri
-  sqlite:///RUN_DIR/mlflow.db``); experiment ``MLFLOW_EXPERIMENT_NAME`` or "rayuid";
+  sqlite:///RUN_DIR/mlflow.db``) with artifacts in ``RUN_DIR/mlflow-artifacts``; experiment ``MLFLOW_EXPERIMENT_NAME``
+  or "rayuid";
 - wandb: project ``WANDB_PROJECT`` or "rayuid", files under ``RUN_DIR``; ``WANDB_MODE=offline`` (or no API key)
   logs locally for a later ``wandb sync``.
 
@@ -57,9 +58,14 @@ class _MLflow:
     def __init__(self, run_dir: Path, run_name: str, config: dict):
         import mlflow
 
-        store = f"sqlite:///{(run_dir / 'mlflow.db').absolute()}"
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or store)
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "rayuid"))
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "rayuid")
+        if os.environ.get("MLFLOW_TRACKING_URI"):  # a tracking server: it decides where artifacts go
+            mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        else:  # the run's own store; artifacts beside it (MLflow's default would be ./mlruns of the cwd)
+            mlflow.set_tracking_uri(f"sqlite:///{(run_dir / 'mlflow.db').absolute()}")
+            if mlflow.get_experiment_by_name(name) is None:
+                mlflow.create_experiment(name, artifact_location=(run_dir / "mlflow-artifacts").absolute().as_uri())
+        mlflow.set_experiment(name)
         self.mlflow, self.run = mlflow, mlflow.start_run(run_name=run_name)
         mlflow.log_params({k: str(v)[:500] for k, v in flatten_params(config).items()})
 

@@ -10,12 +10,16 @@ from the last checkpoint, which the driver does (``rayuid.system.driver.train_wi
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import ray
 
 log = logging.getLogger(__name__)
 ACTOR_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# What the driver recovers from by replacing the learners: a learner's death, met directly or through the weights it
+# owned (rank 0 puts each publish buffer: if its node dies before every engine loaded it, they meet OwnerDiedError)
+LEARNER_LOST = (*ACTOR_DIED, ray.exceptions.ObjectLostError)
 
 
 @dataclass(frozen=True)
@@ -71,15 +75,22 @@ class Calls:
         """``method(*args)`` on the user simulator for every ``args`` (all submitted at once); a call that meets a
         dead simulator is retried on its restarted actor."""
         refs = [getattr(self.system.user, method).remote(*args) for args in calls]
-        results = []
-        for args, ref in zip(calls, refs):
-            for attempt in range(self.retries + 1):
-                try:
-                    results.append(self.wait(ref))
-                    break
-                except ACTOR_DIED:
-                    if attempt == self.retries:
-                        raise
-                    log.warning("user simulator died during %s; retrying on its restarted actor", method)
-                    ref = getattr(self.system.user, method).remote(*args)
-        return results
+        return [self._user_result(method, args, ref) for args, ref in zip(calls, refs)]
+
+    def _user_result(self, method: str, args: tuple, ref):
+        """A simulator holds no state, so a call is simply sent again: after a death (``retries`` of them at most),
+        and while Ray is still restarting the actor (not a new death, so no retry is spent; bounded by the timeout)."""
+        deaths, deadline = 0, time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return self.wait(ref)
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+            except ray.exceptions.RayActorError:
+                if deaths == self.retries:
+                    raise
+                deaths += 1
+                log.warning("user simulator died during %s; retrying on its restarted actor", method)
+            ref = getattr(self.system.user, method).remote(*args)

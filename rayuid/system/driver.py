@@ -27,11 +27,12 @@ from rayuid.config import TrainConfig, dump_config
 from rayuid.records.ledger import Ledger
 from rayuid.records.metrics import MetricsLog
 from rayuid.records.plots import plot_metrics
+from rayuid.records.storage import RunDir
 from rayuid.records.trackers import Trackers
 from rayuid.sdpo.models import load_tokenizer, resolve_model
 from rayuid.system import phases
 from rayuid.system.actors import spawn
-from rayuid.system.calls import ACTOR_DIED, Calls
+from rayuid.system.calls import LEARNER_LOST, Calls
 from rayuid.system.per_user import PerUserPolicy
 from rayuid.system.policy import Policy, SharedPolicy, latest_checkpoint
 from rayuid.system.source import RunSource, build_source
@@ -43,27 +44,33 @@ PHASES = ("generate_s", "simulate_s", "score_s", "learn_s", "sync_s")
 def run(cfg: TrainConfig) -> dict:
     """Start (or join) Ray, start the actors, train, checkpoint, and return the summary (also ``summary.json``)."""
     spawn.connect(cfg.ray.address, cfg.ray.num_cpus)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    records = RunDir(cfg.run_dir)  # the driver's records: written here, uploaded to run_dir's storage by push()
+    records.pull()
+    spawn.check_shared_run_dir(records)
+    local = records.local
+    dump_config(cfg, local / "config.yaml")
     tokenizer = load_tokenizer(resolve_model(cfg.model.name))
-    source = build_source(cfg, tokenizer)
+    source = build_source(cfg, tokenizer, records)
     system = spawn.build_system(cfg, source.total_steps)
     policy: Policy = PerUserPolicy(cfg, source) if spawn.per_user(cfg) else SharedPolicy(cfg, source)
     calls, trackers = Calls(system, cfg.ray.call_timeout_s, cfg.ray.max_restarts), None
     try:
-        trackers = Trackers(cfg.report_to, run_dir, cfg.run_name or run_dir.name, cfg.model_dump(mode="json"))
+        name = cfg.run_name or records.location.rstrip("/").rsplit("/", 1)[-1]
+        trackers = Trackers(cfg.report_to, local, name, cfg.model_dump(mode="json"))
         calls, metrics, ledger = train_with_recovery(cfg, calls, policy, source, tokenizer, trackers)
         summary = {**finish(cfg, metrics.records(), ledger, source, system.precision),
-                   "weight_transfer": system.transfer, **policy.finish(calls, tokenizer, run_dir)}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+                   "weight_transfer": system.transfer, "nodes": spawn.placement(calls.system),
+                   **policy.finish(calls, tokenizer, local)}
         trackers.images({"metrics": summary["plot"], "eval_curve": summary.get("eval_curve"),
-                         "results": run_dir / "results.png"})
+                         "results": local / "results.png"})
+        summary = records.located(summary)  # paths in the working copy → where they are stored
+        (local / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
     finally:
         try:
             if trackers is not None:
                 trackers.close()
+            records.push()
         finally:
             calls.system.shutdown()
 
@@ -73,12 +80,12 @@ def train_with_recovery(cfg: TrainConfig, calls: Calls, policy: Policy, source: 
     """Train; if a learner dies, replace the learners and resume everything from the last checkpoint."""
     for attempt in range(cfg.ray.max_restarts + 1):
         start, ledger = policy.restore(calls, republish=attempt > 0)
-        metrics = MetricsLog(Path(cfg.run_dir) / "metrics.jsonl", start, trackers)
+        metrics = MetricsLog(source.run_dir / "metrics.jsonl", start, trackers)
         source.truncate_samples(start)
         try:
             loop(cfg, calls, policy, source, tokenizer, start, metrics, ledger)
             return calls, metrics, ledger
-        except ACTOR_DIED as err:
+        except LEARNER_LOST as err:
             if attempt == cfg.ray.max_restarts:
                 raise
             log.warning("%s during step; restarting the learners", type(err).__name__)
@@ -104,6 +111,7 @@ def loop(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSource, toke
                 record = offline_step(cfg, calls, policy, source, step, ledger)
             record["seconds"] = time.perf_counter() - t0
             metrics.write(record)
+            source.records.push()
             bar.set_postfix(loss=f"{record['loss']:.3f}", v=record["version"])
             done = step + 1
             if (every and done % every == 0) or (cfg.online is not None and done == total):
@@ -188,17 +196,17 @@ class Clock:
 
 def finish(cfg: TrainConfig, records: list[dict], ledger: Ledger, source: RunSource, precision: dict) -> dict:
     """The summary every run has: counts, losses, seconds per phase, and each role's decided precision."""
-    run_dir = Path(cfg.run_dir)
+    run_dir = source.run_dir
     counts = ledger.counts()
     (run_dir / "ledger.json").write_text(json.dumps(ledger.to_json()))
     return dict(
-        run_dir=str(run_dir), mode=source.mode, steps_done=len(records), total_steps=source.total_steps,
+        run_dir=source.records.location, mode=source.mode, steps_done=len(records), total_steps=source.total_steps,
         interactions_trained=sum(counts.values()), interactions_trained_twice=sum(1 for n in counts.values() if n > 1),
         first_loss=records[0]["loss"] if records else None, final_loss=records[-1]["loss"] if records else None,
         final_version=records[-1]["version"] if records else 0,
         seconds_per_phase={p: sum(r.get(p, 0.0) for r in records) for p in PHASES},
         interactions_per_s=sum(r["interactions"] for r in records) / max(sum(r["seconds"] for r in records), 1e-9),
-        checkpoint=str(latest_checkpoint(run_dir) or ""), metrics=str(run_dir / "metrics.jsonl"),
+        checkpoint=latest_checkpoint(cfg.run_dir) or "", metrics=str(run_dir / "metrics.jsonl"),
         plot=str(plot_metrics(records, run_dir / "metrics.png", ("loss", "adv_mean", "mean_reply_words")))
         if records else None,
         precision=precision,

@@ -19,6 +19,7 @@ CUDA ``vllm``.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from rayuid import logs, precision
 from rayuid.config import EngineSettings, SamplingSettings
 from rayuid.sdpo.weights import WeightsBlob, unflatten, verify, write_adapter
 
+log = logging.getLogger(__name__)
 EXTENSION = "rayuid.system.vllm_worker.WorkerExtension"  # imported by every vLLM worker process
 
 
@@ -101,6 +103,7 @@ class VllmEngine:
                 "gpu_memory_utilization), and that the model folder has config.json and safetensors weights."
             ) from err
         self.tokenizer = self.llm.get_tokenizer()
+        self.collective = transfer is not None
         self.version = 0
         self.checksum = ""
         self.lora_request = None
@@ -220,12 +223,15 @@ class VllmEngine:
         t0 = time.perf_counter()
         if blob.kind == "lora":
             self.lora_request = self._swap_lora(self.lora_request, f"policy-v{blob.version}", blob, self._adapter_root)
-        elif os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
-            self.llm.collective_rpc("rayuid_load_tensors", args=(list(unflatten(blob).items()),))
         else:
-            from safetensors.torch import save
+            if self.collective:  # the store path after a failed collective publish: no update session left open
+                self._end_open_update()
+            if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+                self.llm.collective_rpc("rayuid_load_tensors", args=(list(unflatten(blob).items()),))
+            else:
+                from safetensors.torch import save
 
-            self.llm.collective_rpc("rayuid_load_packed", args=(save(unflatten(blob)),))
+                self.llm.collective_rpc("rayuid_load_packed", args=(save(unflatten(blob)),))
         self.llm.reset_prefix_cache()
         self.version, self.checksum = blob.version, blob.checksum
         return self.version, self.checksum, time.perf_counter() - t0
@@ -236,6 +242,7 @@ class VllmEngine:
         self.llm.init_weight_transfer_engine({"init_info": init_info})
 
     def transfer_start(self) -> None:
+        self._end_open_update()
         self.llm.start_weight_update()
 
     def transfer_update(self, update_info: dict) -> None:
@@ -250,4 +257,12 @@ class VllmEngine:
         return self.version, self.checksum, 0.0
 
     def transfer_close(self) -> None:
+        self._end_open_update()
         self.llm.shutdown_weight_transfer_engine()
+
+    def _end_open_update(self) -> None:
+        """One publish at a time reaches an engine, so an update session still open here was left by one that failed
+        part-way (vLLM closes it itself only when ``update_weights`` raised; a start that ran after the failure
+        leaves it open, and vLLM then refuses every later start and shutdown): end it, keeping what it served."""
+        if any(self.llm.collective_rpc("rayuid_end_open_update")):
+            log.warning("engine: ended a weight update that a failed publish left open")

@@ -97,12 +97,15 @@ class HeldoutEval:
 
     def __call__(self, calls, tokenizer, interactions: int, version: int) -> dict:
         o = self.cfg.online
-        replies = self._greedy(calls, tokenizer, self.prompts)
+        oracle_prompts = []
+        if self.base is None and interactions == 0:  # in the same batch: one decode pass serves both
+            profile = make_persona(o.user.persona, **o.user.params).description
+            oracle_prompts = [with_system_prompt(p, profile) for p in self.prompts]
+        replies = self._greedy(calls, tokenizer, self.prompts + oracle_prompts)
+        replies, oracle = replies[:len(self.prompts)], replies[len(self.prompts):]
         if self.base is None:
             self.base = replies
-            if interactions == 0:
-                profile = make_persona(o.user.persona, **o.user.params).description
-                oracle = self._greedy(calls, tokenizer, [with_system_prompt(p, profile) for p in self.prompts])
+            if oracle:
                 self.oracle = eval_point(o.user.persona, dict(o.user.params), 0, 0, self.base, oracle)
         self.last = replies
         point = eval_point(o.user.persona, dict(o.user.params), interactions, version, self.base, replies)

@@ -373,9 +373,10 @@ class FsdpLearner:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: str | Path, extra: dict) -> str:
-        """Resumable sharded state (DCP) + an HF folder in ``path/hf``; written atomically. Returns the path."""
-        return str(learner_checkpoint.save(self, Path(path), extra))
+        """Resumable sharded state (DCP) + an HF folder in ``path/hf`` (a local path or a URI); written atomically.
+        Returns the path."""
+        return learner_checkpoint.save(self, str(path), extra)
 
     def load_checkpoint(self, path: str | Path) -> dict:
         """Restore a ``save_checkpoint`` folder (any world size); returns the driver's ``extra``."""
-        return learner_checkpoint.load(self, Path(path))
+        return learner_checkpoint.load(self, str(path))

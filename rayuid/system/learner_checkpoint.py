@@ -11,13 +11,17 @@ Layout of ``PATH``:
     hf/                ``save_pretrained`` of the full model or of the PEFT adapter, plus the tokenizer, so
                        transformers, peft and vLLM load it directly
 
-Every rank must see the same filesystem (DCP writes one file per rank). Everything is written to a sibling temp
-folder that rank 0 renames into place once all ranks agree that they succeeded, so a crash never leaves a half
-checkpoint under ``PATH``.
+``PATH`` is a local path or a URI (``rayuid.records.storage``). Local: every rank must see the same filesystem
+(DCP writes one file per rank); everything is written to a sibling temp folder that rank 0 renames into place once
+all ranks agree that they succeeded. A URI (S3, GCS, …; what a multi-node cluster uses): each rank writes its files
+into a node-local scratch folder and uploads them itself; once all ranks agree, rank 0 uploads ``driver_state.json``,
+the marker that makes the checkpoint count. Either way a crash never leaves a half checkpoint under ``PATH``. A
+load downloads the checkpoint into node-local scratch on every rank first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -35,7 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from rayuid.records import checkpoint as ckpt
-from rayuid.records.atomic import commit_folder
+from rayuid.records import storage
+from rayuid.records.atomic import commit_folder as ckpt_commit
 
 
 class FsdpLearner(Protocol):
@@ -85,13 +90,46 @@ def _all_ok(ok: bool, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def save(learner: FsdpLearner, path: Path, extra: dict) -> Path:
-    """Collective: DCP shards + RNG per rank, then rank 0 writes the HF folder and metadata and renames."""
+def save(learner: FsdpLearner, path: str, extra: dict) -> str:
+    """Collective: DCP shards + RNG per rank, then rank 0 writes the HF folder and metadata, and commits."""
+    remote = storage.is_remote(path)
+    with storage.scratch("ckpt") if remote else contextlib.nullcontext(_local_tmp(learner, Path(path))) as tmp:
+        if remote and learner.rank == 0:
+            storage.delete(path)  # a half upload of this step from a crashed attempt
+        dist.barrier()
+        _write(learner, tmp, extra)
+        if remote:
+            _upload(learner, tmp, path)
+        elif learner.rank == 0:
+            ckpt_commit(tmp, Path(path))
+    dist.barrier()
+    return path
+
+
+def _upload(learner: FsdpLearner, tmp: Path, path: str) -> None:
+    """Every rank uploads its own files; once all succeeded rank 0 uploads the marker."""
+    error: BaseException | None = None
+    try:
+        storage.put_folder(tmp, path, skip=(EXTRA_FILE,))
+    except Exception as err:  # noqa: BLE001 - re-raised below after telling the other ranks
+        error = err
+    if not _all_ok(error is None, learner.device):
+        raise error or RuntimeError(f"another learner rank failed to upload its part of {path}; see its log")
+    if learner.rank == 0:
+        storage.put_file(tmp / EXTRA_FILE, storage.join(path, EXTRA_FILE))
+
+
+def _local_tmp(learner: FsdpLearner, path: Path) -> Path:
+    """The shared sibling temp folder every rank writes into (rank 0 creates it)."""
     tmp = path.parent / f".{path.name}.tmp"
     if learner.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
+    return tmp
+
+
+def _write(learner: FsdpLearner, tmp: Path, extra: dict) -> None:
+    """Every rank's shard and RNG state; rank 0's HF export and metadata. Raises on every rank if any failed."""
     # An optimizer that never stepped has no state; get_state_dict would create it with a fake step (step=1).
     with_optimizer = bool(learner.optimizer.state)
     dcp.save(_resumable(learner, with_optimizer), checkpoint_id=str(tmp / "dcp"))
@@ -106,11 +144,7 @@ def save(learner: FsdpLearner, path: Path, extra: dict) -> Path:
     if not _all_ok(error is None, learner.device):
         if error is not None:
             raise error
-        raise RuntimeError(f"rank 0 failed to write checkpoint {path}; its error is in the rank-0 learner's log")
-    if learner.rank == 0:
-        commit_folder(tmp, path)
-    dist.barrier()
-    return path
+        raise RuntimeError("rank 0 failed to write the checkpoint; its error is in the rank-0 learner's log")
 
 
 def _write_rank0(learner: FsdpLearner, tmp: Path, full: dict, extra: dict, with_optimizer: bool) -> None:
@@ -125,8 +159,16 @@ def _write_rank0(learner: FsdpLearner, tmp: Path, full: dict, extra: dict, with_
     (tmp / EXTRA_FILE).write_text(json.dumps(extra, indent=2))
 
 
-def load(learner: FsdpLearner, path: Path) -> dict:
+def load(learner: FsdpLearner, path: str) -> dict:
     """Collective: restore model, optimizer, teacher, schedule, RNG and step; returns the driver's ``extra``."""
+    if not storage.is_remote(path):
+        return _load(learner, Path(path))
+    with storage.scratch("load") as tmp:
+        skip = tuple(n for n in storage.listdir(path) if n.startswith("rng-") and n != f"rng-{learner.rank}.pt")
+        return _load(learner, storage.get_folder(path, tmp, skip=skip + ("hf",)))
+
+
+def _load(learner: FsdpLearner, path: Path) -> dict:
     if not (path / META_FILE).exists():
         raise FileNotFoundError(f"{path} is not a learner checkpoint (no {META_FILE}); pass a folder written by "
                                 "FsdpLearner.save_checkpoint")

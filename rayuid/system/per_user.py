@@ -22,7 +22,7 @@ from rayuid.personal.adapters import AdapterStore
 from rayuid.personal.report import results_table
 from rayuid.personal.schedule import persona_at
 from rayuid.records import checkpoint as ckpt
-from rayuid.records.atomic import atomic_folder
+from rayuid.records import storage
 from rayuid.records.ledger import Ledger
 from rayuid.seeds import user_seed
 from rayuid.system.calls import Calls
@@ -45,7 +45,7 @@ class PerUserPolicy:
         self.owners = {u.id: i % cfg.ray.learners for i, u in enumerate(self.users)}  # user → adapter learner
         self.versions: dict[str, int] = {}                                           # user → version it serves
         self.evaluator = PersonalEval(cfg, source.heldout, source.options)
-        self.store = AdapterStore(Path(cfg.run_dir) / "adapters")
+        self.store = AdapterStore(storage.join(cfg.run_dir, "adapters"))
 
     def draw(self, step: int) -> tuple[list[Prompt], list[str]]:
         """Each user's prompts of ``step`` (a seeded draw per user) and the user id of each prompt."""
@@ -103,17 +103,16 @@ class PerUserPolicy:
             log.info("eval after step %d: %s", done, row)
         return rows
 
-    def save(self, calls: Calls, step: int, version: int, ledger: Ledger) -> Path:
+    def save(self, calls: Calls, step: int, version: int, ledger: Ledger) -> str:
         """Every learner writes its users' adapters; then the driver state that names their versions, atomically."""
-        root = str(self.store.root.absolute())
+        root = self.store.root
         for part in calls.learners("save", [(root, self._owned_by(k)) for k in range(len(calls.system.learners))]):
             self.versions.update(part)
         final = ckpt.step_dir(self.cfg.run_dir, step)
-        with atomic_folder(final) as tmp:
-            (tmp / DRIVER_STATE).write_text(json.dumps({"step": step, "versions": self.versions,
-                                                        "ledger": ledger.to_json(), "eval": self.evaluator.state()}))
+        storage.write_text(storage.join(final, DRIVER_STATE), json.dumps(
+            {"step": step, "versions": self.versions, "ledger": ledger.to_json(), "eval": self.evaluator.state()}))
         ckpt.prune_checkpoints(self.cfg.run_dir, self.cfg.checkpoint.keep_last, marker=DRIVER_STATE)
-        keep = [json.loads((p / DRIVER_STATE).read_text())["versions"]
+        keep = [json.loads(storage.read_text(storage.join(p, DRIVER_STATE)))["versions"]
                 for p in ckpt.list_checkpoints(self.cfg.run_dir, DRIVER_STATE)]
         for user in self.owners:
             self.store.prune(user, self.cfg.checkpoint.keep_last, {v.get(user, 0) for v in keep})
@@ -127,8 +126,8 @@ class PerUserPolicy:
             self.versions = {}
             self.publish(calls)
             return 0, Ledger()
-        state = json.loads((path / DRIVER_STATE).read_text())
-        root = str(self.store.root.absolute())
+        state = json.loads(storage.read_text(storage.join(path, DRIVER_STATE)))
+        root = self.store.root
         mine = [{u: v for u, v in state["versions"].items() if self.owners.get(u) == k}
                 for k in range(len(calls.system.learners))]
         self.versions = {}

@@ -56,25 +56,29 @@ class PersonalEval:
         prompts = [p.messages[-1]["content"] for p in self.prompts]
         self.judge = lambda desc, xs, ys: calls.wait(judge.judge.remote(desc, prompts, xs, ys))
 
-    def _baselines(self, calls, tokenizer) -> None:
+    def _baseline_prompts(self, calls) -> tuple[list[str], list[Prompt]]:
+        """The base model's held-out prompts, then each in-context oracle's (one per distinct persona and
+        parameters): the oracle keys and the prompts, answered with no adapter."""
         self._connect_judge(calls)
-        n = len(self.prompts)
-        self.base = self._greedy(calls, tokenizer, self.prompts, [None] * n)
-        if self.cfg.online.oracle:  # one oracle per distinct (persona, parameters)
-            specs = {_key(p, u.persona_params(p)): (p, u.persona_params(p)) for u in self.users.values()
-                     for p in u.personas}
-            views = [with_system_prompt(p, make_persona(name, **params).description)
-                     for name, params in specs.values() for p in self.prompts]
-            texts = self._greedy(calls, tokenizer, views, [None] * len(views))
-            self.oracle = {key: texts[i * n: (i + 1) * n] for i, key in enumerate(specs)}
+        specs = {} if not self.cfg.online.oracle else {
+            _key(p, u.persona_params(p)): (p, u.persona_params(p)) for u in self.users.values() for p in u.personas}
+        views = [with_system_prompt(p, make_persona(name, **params).description)
+                 for name, params in specs.values() for p in self.prompts]
+        return list(specs), self.prompts + views
 
     def __call__(self, calls, tokenizer, step: int, versions: dict[str, int]) -> list[dict]:
-        """Evaluate every user's current adapter after ``step`` steps; returns the new rows."""
-        if self.base is None:
-            self._baselines(calls, tokenizer)
-        ids, o = list(self.users), self.cfg.online
-        texts = self._greedy(calls, tokenizer, self.prompts * len(ids), [u for u in ids for _ in self.prompts])
-        n, rows = len(self.prompts), []
+        """Evaluate every user's current adapter after ``step`` steps; returns the new rows. The first evaluation
+        also answers the base and oracle prompts, in the same greedy batch (one decode pass serves all)."""
+        first = self.base is None
+        keys, baseline = self._baseline_prompts(calls) if first else ([], [])
+        ids, o, n = list(self.users), self.cfg.online, len(self.prompts)
+        texts = self._greedy(calls, tokenizer, baseline + self.prompts * len(ids),
+                             [None] * len(baseline) + [u for u in ids for _ in self.prompts])
+        if first:
+            self.base = texts[:n]
+            self.oracle = {key: texts[(i + 1) * n: (i + 2) * n] for i, key in enumerate(keys)}
+        texts = texts[len(baseline):]
+        rows = []
         for k, uid in enumerate(ids):
             self.replies[uid] = texts[k * n: (k + 1) * n]
             user = self.users[uid]

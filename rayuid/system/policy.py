@@ -58,8 +58,8 @@ class Policy(Protocol):
         """Measure the served policy after ``done`` steps; returns the new points (none when the run has no
         evaluation). ``at_start``: the point before the loop's first step (the base model, or the resumed policy)."""
 
-    def save(self, calls: Calls, step: int, version: int, ledger: Ledger) -> Path:
-        """A checkpoint after ``step`` steps, complete once its driver state is written."""
+    def save(self, calls: Calls, step: int, version: int, ledger: Ledger) -> str:
+        """A checkpoint after ``step`` steps (its location), complete once its driver state is written."""
 
     def restore(self, calls: Calls, republish: bool) -> tuple[int, Ledger]:
         """Resume from the newest checkpoint (or start over): (steps done, ledger), engines serving its weights."""
@@ -71,7 +71,7 @@ class Policy(Protocol):
         """The policy's part of ``summary.json`` (evaluation results, where the weights are)."""
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
+def latest_checkpoint(run_dir: str | Path) -> str | None:
     """The newest complete checkpoint (its driver state is written last, inside the atomic rename)."""
     return ckpt.latest_checkpoint(run_dir, marker=DRIVER_STATE)
 
@@ -112,11 +112,11 @@ class SharedPolicy:
         log.info("held-out eval after %d interactions: %s", point["interactions"], point)
         return [point]
 
-    def save(self, calls: Calls, step: int, version: int, ledger: Ledger) -> Path:
+    def save(self, calls: Calls, step: int, version: int, ledger: Ledger) -> str:
         """All learner ranks write their shards; the driver state (step, version, ledger) rides along."""
-        path = ckpt.step_dir(self.cfg.run_dir, step).absolute()
+        path = ckpt.step_dir(self.cfg.run_dir, step)
         extra = {"step": step, "version": version, "ledger": ledger.to_json()}
-        calls.learners("save_checkpoint", [(str(path.resolve()), extra)] * len(calls.system.learners))
+        calls.learners("save_checkpoint", [(path, extra)] * len(calls.system.learners))
         ckpt.prune_checkpoints(self.cfg.run_dir, self.cfg.checkpoint.keep_last, marker=DRIVER_STATE)
         return path
 
@@ -129,7 +129,7 @@ class SharedPolicy:
                 calls.sync("resume_at", -1)
                 calls.sync("publish")
             return 0, Ledger()
-        extra = calls.learners("load_checkpoint", [(str(path.absolute()),)] * len(calls.system.learners))[0]
+        extra = calls.learners("load_checkpoint", [(path,)] * len(calls.system.learners))[0]
         calls.sync("resume_at", extra["version"] - 1)  # republish the checkpoint's weights as its version
         calls.sync("publish")
         log.info("resumed from %s at step %d", path, extra["step"])

@@ -12,6 +12,7 @@ from rayuid.config import TrainConfig
 from rayuid.data.pairs import example_order, load_pairs
 from rayuid.data.prompts import Prompt, load_prompts, split_heldout
 from rayuid.data.templates import ScoringPair, TemplateOptions
+from rayuid.records.storage import RunDir
 
 
 @dataclass
@@ -21,12 +22,17 @@ class RunSource:
     mode: str
     total_steps: int
     options: TemplateOptions
-    run_dir: Path
+    records: RunDir
     prompts: list[Prompt] = field(default_factory=list)
     heldout: list[Prompt] = field(default_factory=list)
     pairs: list[ScoringPair] = field(default_factory=list)
     order: list[int] = field(default_factory=list)
     batch_size: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        """The driver's working copy of the run's records (``RunDir.local``)."""
+        return self.records.local
 
     def offline_batch(self, step: int) -> tuple[list[ScoringPair], list[str]]:
         """The step's pairs and their ledger ids (``id@e{epoch}``: a second epoch is not a repeat)."""
@@ -54,18 +60,17 @@ class RunSource:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def build_source(cfg: TrainConfig, tokenizer) -> RunSource:
+def build_source(cfg: TrainConfig, tokenizer, records: RunDir) -> RunSource:
     t = cfg.template
     options = TemplateOptions(t.hindsight, t.max_prompt_tokens, t.max_response_tokens, t.append_eos)
-    run_dir = Path(cfg.run_dir)
     if cfg.online is not None:
         o = cfg.online
         prompts, heldout = split_heldout(load_prompts(o.prompts, o.system_prompt, o.prompt_field, o.max_prompt_chars),
                                          o.heldout_prompts)
-        return RunSource("online", cfg.online.steps, options, run_dir, prompts=prompts, heldout=heldout)
+        return RunSource("online", cfg.online.steps, options, records, prompts=prompts, heldout=heldout)
     pairs, report = load_pairs(cfg, tokenizer)
-    (run_dir / "extract_report.json").write_text(json.dumps(report, indent=2))
+    (records.local / "extract_report.json").write_text(json.dumps(report, indent=2))
     batch = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * cfg.ray.learners
     order = example_order(len(pairs), cfg.optim.epochs, cfg.seed)
     total = min(math.ceil(len(order) / batch), cfg.optim.max_steps or 10**12)
-    return RunSource("offline", total, options, run_dir, pairs=pairs, order=order, batch_size=batch)
+    return RunSource("offline", total, options, records, pairs=pairs, order=order, batch_size=batch)

@@ -25,6 +25,18 @@ class WorkerExtension:
         """The fingerprint of what the last collective publish delivered (``rayuid.system.transport``)."""
         return self.weight_transfer_engine.received
 
+    def rayuid_end_open_update(self) -> bool:
+        """End a weight-update session a failed publish left open (``rayuid.system.engine``); True if one was.
+        vLLM's finish puts back the weights it served into every layer that received nothing; layers that received
+        part of the failed version are overwritten by the reload that follows (the store path)."""
+        if not getattr(self, "_weight_update_active", False):
+            return False
+        try:
+            self.finish_weight_update()
+        finally:
+            self._weight_update_active = False
+        return True
+
     def rayuid_load_packed(self, data: bytes) -> int:
         """Engines in their own process: tensors cannot cross collective_rpc, so they come as safetensors bytes."""
         from safetensors.torch import load

@@ -10,15 +10,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from rayuid import logs
 from rayuid.config import Resources, TrainConfig
+from rayuid.records import storage
+from rayuid.records.storage import RunDir
 from rayuid.system import capacity, transport
 from rayuid.system.actors.adapter_learner import AdapterLearnerWorker
 from rayuid.system.actors.inference import RolloutWorker, ScoringWorker, SharedEngineWorker, start_engine
@@ -87,7 +91,35 @@ def run_tag(cfg: TrainConfig) -> str:
     """Actor-name prefix unique to a run directory (names let operators and tests find an engine)."""
     import hashlib
 
-    return "rayuid-" + hashlib.sha1(os.path.abspath(cfg.run_dir).encode()).hexdigest()[:8]
+    return "rayuid-" + hashlib.sha1(storage.join(cfg.run_dir).encode()).hexdigest()[:8]
+
+
+@ray.remote(num_cpus=0)
+def _write_probe(folder: str, name: str) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / name).write_text(name)
+
+
+def check_shared_run_dir(records: RunDir, timeout_s: float = 60.0) -> None:
+    """A local ``run_dir`` on a multi-node cluster must be storage every node mounts (learners and adapter
+    learners write checkpoints on their node, the driver lists and resumes them on its own): every other node
+    writes a marker into it and the driver reads them back. A URI run_dir needs no check."""
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if records.remote or not others:
+        return
+    probe = records.local / f".shared-probe-{os.getpid()}-{time.time_ns()}"
+    try:
+        ray.get([_write_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                 .remote(str(probe), n) for n in others], timeout=timeout_s)
+        missing = [n[:12] for n in others if not (probe / n).exists()]
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    if missing:
+        raise ClusterError(f"run_dir {records.location!r} is a local folder that node(s) {missing} do not share "
+                           f"with the driver's node, so checkpoints written there could never be resumed: set "
+                           "run_dir to a URI (s3://bucket/prefix, gs://…) or to a path every node mounts (NFS, a "
+                           "ReadWriteMany volume)")
 
 
 def _bundle(res: Resources) -> dict:
@@ -164,6 +196,20 @@ def _options(pg, index: int, bundle: dict, **extra) -> dict:
                 scheduling_strategy=strategy, runtime_env={"env_vars": actor_env()}, **extra)
 
 
+def _on_driver_node() -> dict:
+    """Options of an actor that needs no resources of its own (the weight-sync actor, a rule-based user
+    simulator): on the driver's node, so losing a worker node never takes it along."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return dict(num_cpus=0, scheduling_strategy=here, runtime_env={"env_vars": actor_env()})
+
+
+def placement(system: System) -> dict[str, str]:
+    """Role → id of the node it runs on (the summary's ``nodes``): each bundle's node, and the driver's."""
+    table = ray.util.placement_group_table(system.pg)["bundles_to_node_id"]
+    return {"driver": ray.get_runtime_context().get_node_id(),
+            **{name: table[index] for name, (index, _) in system.bundle_of.items()}}
+
+
 def reserve(cfg: TrainConfig, plan: list[tuple[str, dict]]):
     pg = placement_group([b for _, b in plan], strategy=cfg.ray.placement_strategy)
     ready, _ = ray.wait([pg.ready()], timeout=cfg.ray.call_timeout_s)
@@ -183,9 +229,26 @@ def start_learners(cfg: TrainConfig, pg, bundle_of: dict, total_steps: int) -> l
     learners = [cls.options(**_options(pg, *bundle_of[f"learner{i}"], max_restarts=0,
                                        name=f"{run_tag(cfg)}-learner{i}-{time.monotonic_ns()}"))
                 .remote(cfg.model_dump(mode="json"), i, n, total_steps) for i in range(n)]
-    addr, port = ray.get([learners[0].node_ip.remote(), learners[0].free_port.remote()])
-    ray.get([l.setup.remote(addr, port) for l in learners], timeout=cfg.ray.call_timeout_s)
+    addr, port = _started(cfg, [learners[0].node_ip.remote(), learners[0].free_port.remote()], learners)
+    _started(cfg, [l.setup.remote(addr, port) for l in learners], learners)
     return learners
+
+
+def _started(cfg: TrainConfig, refs: list, handles: list) -> list:
+    """``ray.get`` of new actors' first calls; they wait for their bundles, which wait for a node that can hold
+    them (after a node was lost: until one with its resources joins, e.g. brought up by the autoscaler). On any
+    failure the new actors are killed before the error propagates."""
+    try:
+        return ray.get(refs, timeout=cfg.ray.call_timeout_s)
+    except BaseException as err:
+        for handle in handles:
+            ray.kill(handle, no_restart=True)
+        if not isinstance(err, ray.exceptions.GetTimeoutError):
+            raise
+        dead = [n["NodeID"][:12] for n in ray.nodes() if not n["Alive"]]
+        lost = f": node(s) {dead} left the cluster and no node with their resources joined" if dead else ""
+        raise ClusterError(f"the learners did not start within ray.call_timeout_s={cfg.ray.call_timeout_s:.0f}s"
+                           f"{lost}; re-submit the job: it resumes from the last checkpoint in {cfg.run_dir}") from err
 
 
 def start_adapter_learners(cfg: TrainConfig, pg, bundle_of: dict, total_steps: int) -> list:
@@ -194,17 +257,32 @@ def start_adapter_learners(cfg: TrainConfig, pg, bundle_of: dict, total_steps: i
     learners = [cls.options(**_options(pg, *bundle_of[f"learner{i}"], max_restarts=0,
                                        name=f"{run_tag(cfg)}-learner{i}-{time.monotonic_ns()}"))
                 .remote(cfg.model_dump(mode="json"), total_steps) for i in range(cfg.ray.learners)]
-    ray.get([l.ready.remote() for l in learners], timeout=cfg.ray.call_timeout_s)
+    _started(cfg, [l.ready.remote() for l in learners], learners)
     return learners
 
 
 def restart_learners(cfg: TrainConfig, system: System, total_steps: int) -> list:
     """Kill what is left of the learners (a broken group, or adapter learners of a per-user run that lost one) and
-    start fresh ones in their bundles."""
+    start fresh ones in their bundles (waiting, up to ray.call_timeout_s, for a node that can hold them)."""
     for handle in system.learners:
         ray.kill(handle, no_restart=True)
+    return start_learner_group(cfg, system.pg, system.bundle_of, total_steps)
+
+
+def start_learner_group(cfg: TrainConfig, pg, bundle_of: dict, total_steps: int) -> list:
+    """The learners of this run (adapter learners for a per-user run), started again while a new one dies before it
+    ran: placed on a node that is going away (a lost node misses heartbeats for a while; an autoscaler drains an
+    idle one) its bundle moves to a live node once Ray has declared that one dead. Up to ray.call_timeout_s."""
     start = start_adapter_learners if per_user(cfg) else start_learners
-    return start(cfg, system.pg, system.bundle_of, total_steps)
+    deadline = time.monotonic() + cfg.ray.call_timeout_s
+    while True:
+        try:
+            return start(cfg, pg, bundle_of, total_steps)
+        except ray.exceptions.RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("a new learner died on start (its node is going away); starting it again")
+            time.sleep(5)
 
 
 def per_user(cfg: TrainConfig) -> bool:
@@ -242,8 +320,7 @@ def _start_user(cfg: TrainConfig, pg, bundle_of: dict):
         settings = (cfg.ray.user_vllm or cfg.ray.vllm).model_dump(mode="json")
         factory = functools.partial(start_engine, user.model or cfg.model.name, settings, False, cfg.seed,
                                     cfg.ray.user.num_threads())
-    opts = _options(pg, *bundle_of["user"]) if "user" in bundle_of else {"num_cpus": 0,
-                                                                        "runtime_env": {"env_vars": actor_env()}}
+    opts = _options(pg, *bundle_of["user"]) if "user" in bundle_of else _on_driver_node()
     opts.update(max_restarts=cfg.ray.max_restarts, max_task_retries=0)
     params = {**user.params, "max_tokens": user.max_tokens, "temperature": user.temperature}
     return ray.remote(UserSimulatorWorker).options(**opts).remote(user.kind, user.persona, params, factory)
@@ -275,7 +352,7 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
         raise ClusterError("these roles do not fit their GPUs: " + "; ".join(misfits))
     pg = reserve(cfg, plan)
     bundle_of = {name: (i, b) for i, (name, b) in enumerate(plan)}
-    learners = (start_adapter_learners if per_user(cfg) else start_learners)(cfg, pg, bundle_of, total_steps)
+    learners = start_learner_group(cfg, pg, bundle_of, total_steps)
     transfer = transport.mode(cfg)
     log.info("weight transfer: %s", transfer)
     engines, rollout, teacher = _start_engines(cfg, pg, bundle_of, transfer)
@@ -284,7 +361,7 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
     _wait_ready({**engines, **({"judge": judge} if judge is not None else {})}, cfg.ray.call_timeout_s)
     decided = actor_precision(learners, engines, cfg.ray.call_timeout_s)
     bucket = cfg.ray.transfer_bucket_bytes if transfer == "collective" else None
-    sync = ray.remote(WeightSyncActor).options(num_cpus=0).remote(learners, engines, cfg.ray.sync_timeout_s,
+    sync = ray.remote(WeightSyncActor).options(**_on_driver_node()).remote(learners, engines, cfg.ray.sync_timeout_s,
                                                                   serve_dtype=serve_dtype(decided), bucket_bytes=bucket,
                                                                   shared_gpu=transport.shares_gpu(cfg))
     return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of, judge, decided, transfer)
