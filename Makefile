@@ -1,11 +1,11 @@
-# Two commands on a fresh machine (see README):  make demo   |   make test
+# Two commands on a fresh machine (see README):  make demo   |   make test   (CI: make ci = test + test-cluster)
 # Each bootstraps .venv itself. Set VENV=... to use another location.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rayuid-installed
 
-.PHONY: demo test test-fast bench signal clean-venv
+.PHONY: demo test test-cluster ci test-fast bench signal clean-venv
 
 $(STAMP): pyproject.toml requirements-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,14 @@ demo: $(STAMP)
 	$(BIN)/rayuid train jobs/online_smollm2_concise.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cluster"
+
+# multi-node Ray clusters, the autoscaler and S3-backed Ray runs, started on this machine (~12 min on 2 cores)
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster
+
+# what CI runs: every test
+ci: test test-cluster
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -31,8 +32,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray 2.60's token auth (its default) needs a token before `ray start --head`; one per test session, passed in the
+# environment, so no test depends on ~/.ray/auth_token existing or writes it.
+AUTH_TOKEN = secrets.token_hex(32)
+
+
 def ray_env(**extra: str) -> dict:
-    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token", **extra}
+    env = {**os.environ, "PATH": BIN + os.pathsep + os.environ.get("PATH", ""), "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": AUTH_TOKEN, **extra}
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -134,3 +141,12 @@ def wait_job(head: Node, job_id: str, timeout_s: float = 900) -> tuple[str, str]
     logs = subprocess.run(["ray", "job", "logs", "--address", head.dashboard, job_id], env=head.env,
                           capture_output=True, text=True, timeout=120).stdout
     return state, logs[-4000:]
+
+
+def log_tails(node: Node, names: tuple[str, ...] = ("monitor.log", "gcs_server.out", "raylet.out"),
+              chars: int = 3000) -> str:
+    """The ends of a node's own Ray logs (its autoscaler, GCS, raylet), for a failing test's message."""
+    logs = node.temp_dir / "session_latest" / "logs"
+    parts = [f"--- {p.name} ---\n{p.read_text(errors='replace')[-chars:]}"
+             for name in names for p in sorted(logs.glob(name))]
+    return "\n".join(parts) or f"(no logs under {logs})"

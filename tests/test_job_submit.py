@@ -8,7 +8,7 @@ import json
 import pytest
 from ray_nodes import Node, submit, wait_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture()

@@ -12,11 +12,11 @@ import shutil
 import time
 
 import pytest
-from ray_nodes import ROOT, Node, free_port, node_ids, ray_env, submit, wait_job
+from ray_nodes import Node, free_port, log_tails, node_ids, ray_env, submit, wait_job
 
 from rayuid.records import storage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 FP32 = ("model.compute_dtype=float32", "ray.vllm.dtype=float32")
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
 FAKE_HEAD = "f" * 51 + "00000"  # that module's FAKE_HEAD_NODE_ID
@@ -133,11 +133,6 @@ def _fake_autoscaling_config(gcs: str) -> dict:
 
 def test_the_autoscaler_starts_the_nodes_a_job_needs_and_removes_them_when_idle(s3_bucket, tiny_model_dir,
                                                                                tmp_path):
-    import ray
-
-    from rayuid.config import load_config
-    from rayuid.system.driver import run
-
     port = free_port()
     config = tmp_path / "autoscaler.json"
     config.write_text(json.dumps(_fake_autoscaling_config(f"127.0.0.1:{port}")))
@@ -146,13 +141,10 @@ def test_the_autoscaler_starts_the_nodes_a_job_needs_and_removes_them_when_idle(
     try:
         assert [_role_of(r) for r in node_ids(head).values()] == ["head"]      # no worker node yet
         uri = s3_bucket + "/autoscaled"
-        cfg = load_config(ROOT / "jobs" / "smoke.yaml",
-                          [f"run_dir={uri}", f"model.name={tiny_model_dir}", *FP32, *PINNED,
-                           f"ray.address=127.0.0.1:{port}", "ray.call_timeout_s=300"])
-        try:
-            summary = run(cfg)                              # the learner and engine bundles are pending: scale up
-        finally:
-            ray.shutdown()
+        # the learner and engine bundles are pending until the autoscaler has started a node of each type
+        state, logs = wait_job(head, submit(head, *_smoke(uri, tiny_model_dir, "ray.call_timeout_s=300")))
+        assert state == "SUCCEEDED", logs + "\n" + log_tails(head)
+        summary = json.loads(storage.read_text(uri + "/summary.json"))
         nodes = node_ids(head)
         assert {_role_of(nodes[summary["nodes"][r]]) for r in ("learner0", "engine0")} == {"learner", "inference"}
         assert summary["steps_done"] == 3 and summary["interactions_trained_twice"] == 0

@@ -17,7 +17,7 @@ import torch
 
 from rayuid.records import storage
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 ROOT = Path(__file__).resolve().parents[1]
 FP32 = ("model.compute_dtype=float32", "ray.vllm.dtype=float32")
 

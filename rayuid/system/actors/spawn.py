@@ -278,10 +278,10 @@ def start_learner_group(cfg: TrainConfig, pg, bundle_of: dict, total_steps: int)
     while True:
         try:
             return start(cfg, pg, bundle_of, total_steps)
-        except ray.exceptions.RayActorError:
+        except ray.exceptions.RayActorError as err:
             if time.monotonic() > deadline:
                 raise
-            log.warning("a new learner died on start (its node is going away); starting it again")
+            log.warning("a new learner died on start (%s); starting it again", str(err).splitlines()[-1])
             time.sleep(5)
 
 
