@@ -14,7 +14,10 @@ def _extract(args: argparse.Namespace) -> int:
 
     config = ExtractConfig(max_user_chars=None if args.no_user_limit else 4096,
                            languages=args.language or None)
-    report = run_extract(args.inputs, args.out, args.report, config)
+    from rayuid.data.readers import with_revision
+
+    inputs = [with_revision(source, args.revision) for source in args.inputs]
+    report = run_extract(inputs, args.out, args.report, config)
     print(report.summary())
     print(f"interactions -> {args.out}" + (f"; report -> {args.report}" if args.report else ""))
     return 0
@@ -93,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", default=False, help=verbose._actions[0].help)
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("extract", parents=[verbose], help="chat logs -> (context, response, followup) interactions")
-    ex.add_argument("inputs", nargs="+", help=".jsonl/.json/.parquet files or HF dataset names/paths (name:split)")
+    ex.add_argument("inputs", nargs="+", help=".jsonl/.json/.parquet files, dataset folders or HF dataset names "
+                    "(NAME, NAME:SPLIT or NAME:CONFIG:SPLIT)")
+    ex.add_argument("--revision", help="branch, tag or commit of the HF datasets named (e.g. refs/convert/parquet)")
     ex.add_argument("--out", required=True)
     ex.add_argument("--report")
     ex.add_argument("--language", action="append", help="keep only these `language` values (repeatable)")

@@ -81,3 +81,27 @@ def test_tensor_parallel_engines_take_the_object_store():
         "object_store"                                                        # auto picks what works
     with pytest.raises(ValueError, match="tensor_parallel_size=1"):
         transport.mode(load_config(job, ["ray.vllm.tensor_parallel_size=2", "ray.weight_transfer=collective"]))
+
+
+def test_an_llm_user_without_resources_of_its_own_is_sized_on_the_engines_gpus():
+    """Given no resources (``ray.user: {num_cpus: 0}``) the LLM user runs in an engine-sized bundle: it is checked
+    against the engines' GPU, not skipped."""
+    from rayuid.system.actors.spawn import plan_bundles
+
+    cfg = _user_job("ray.user={num_cpus: 0}")
+    (user,) = [n for n in capacity.needs(cfg) if n.role.startswith("LLM user")]
+    assert user.budget_gib == pytest.approx((cfg.ray.user_vllm or cfg.ray.vllm).gpu_memory_utilization
+                                            * cfg.ray.engine.gpu_memory_gib)
+    assert dict(plan_bundles(cfg, needs_user_engine=True))["user"]["GPU"] == cfg.ray.engine.num_gpus
+    assert any(p.startswith("LLM user (ray.user_vllm): Qwen/Qwen3-32B needs 61.1 GiB") for p in capacity.problems(cfg))
+
+
+def test_a_learner_that_does_not_fit_beside_its_engine_on_one_gpu_is_named():
+    """smoke_gpu.yaml: learner and engine share one GPU; vLLM's gpu_memory_utilization is of the whole GPU."""
+    greedy = load_config(JOBS / "smoke_gpu.yaml", ["ray.vllm.gpu_memory_utilization=0.9"])
+    (problem,) = capacity.problems(greedy)
+    assert problem.startswith("learner and engine share a 22.5 GiB GPU: the engine takes 0.9 of it, which leaves")
+    fix = float(problem.rsplit("to ", 1)[1])
+    learner = next(n for n in capacity.needs(greedy) if n.role.startswith("learner"))
+    assert 0 <= 0.95 - learner.weights_gib / 22.5 - fix < 0.01
+    assert capacity.problems(load_config(JOBS / "smoke_gpu.yaml", [f"ray.vllm.gpu_memory_utilization={fix}"])) == []

@@ -433,3 +433,22 @@ def test_data_specs_carry_config_split_and_revision(tmp_path):
     assert next(iter(iter_records(f"{folder}:long:train"))).location == "two_configs:long:train[0]"
     with pytest.raises(FileNotFoundError, match="NAME:CONFIG:SPLIT"):   # a hub name that cannot load (offline)
         list(iter_records("rayuid-test-org/no-such-dataset:cfg:train"))
+
+
+def test_extract_reads_hub_inputs_at_the_revision_given(tmp_path):
+    """`rayuid extract --revision R`: every hub input is read at R, local inputs as they are; an input that reads
+    nothing is named in the error by its NAME:CONFIG:SPLIT."""
+    from rayuid.cli import build_parser
+    from rayuid.config import DataSource
+    from rayuid.data.extract import ExtractReport, NoInteractionsError, _explain, extract_interactions
+    from rayuid.data.readers import with_revision
+
+    local = tmp_path / "chats.jsonl"
+    local.write_text("")
+    args = build_parser().parse_args(["extract", str(local), "org/ds:cfg:test", "--out", "o", "--revision", "v2"])
+    got = [with_revision(s, args.revision) for s in args.inputs]
+    assert got == [str(local), DataSource(name="org/ds", config="cfg", split="test", revision="v2")]
+    assert with_revision("org/ds", None) == "org/ds"
+    with pytest.raises(NoInteractionsError, match="from .*chats.jsonl: no records"):
+        extract_interactions(got[:1])
+    assert _explain(got, ExtractReport()).startswith(f"No interactions extracted from {local}, org/ds:cfg:test:")

@@ -28,6 +28,10 @@ def _samples(run_dir) -> list[dict]:
     return [json.loads(ln) for ln in (Path(run_dir) / "samples.jsonl").read_text().splitlines()]
 
 
+def _records(run_dir) -> list[dict]:
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def _run_and_sigkill(cfg, actor: str, after_steps: int, run=None) -> tuple[dict, int | None]:
     """Run ``cfg`` (with ``run``, default the driver's); once ``after_steps`` steps are logged, SIGKILL the process of
     the actor named ``{tag}-{actor}*``."""
@@ -133,6 +137,7 @@ def test_engine_sigkill_mid_run_loses_and_repeats_nothing(local_ray, tmp_path, t
     assert len(ids) == len(set(ids)) == 16
     # the restarted engine was brought to the current version before it served again
     assert all(s["gen_version"] == s["score_version"] == s["step"] - 1 for s in _samples(cfg.run_dir))
+    assert _records(cfg.run_dir)[-1]["publish_via"] == transfer     # collective: the group was formed anew
 
 
 @pytest.mark.parametrize("transfer", ["object_store", "collective"])
@@ -158,6 +163,7 @@ def test_weight_sync_canary(local_ray, tmp_path, tiny_model_dir, tiny_tokenizer,
         ray.get([l.train_step.remote(pairs, None, len(pairs)) for l in system.learners])
         published = ray.get(system.sync.publish.remote())
         assert published["version"] == 1 and set(published["engines"].values()) == {1}
+        assert published["via"] == transfer                     # no silent fallback to the store
         learner_lp = ray.get(system.learners[0].response_logprobs.remote(pairs))
         assert system.transfer == transfer and set(system.rollout) == {"engine0", "engine1"}
         from rayuid.data.templates import ScoringPair
@@ -224,12 +230,12 @@ def test_a_collective_publish_that_breaks_part_way_falls_back_to_the_store(local
                  "ray.learner.num_cpus=0.5", "ray.weight_transfer=collective")
     system = build_system(cfg, total_steps=2)
     try:
-        assert ray.get(system.sync.publish.remote())["export_s"] > 0                  # collective: the learner packs
+        assert ray.get(system.sync.publish.remote())["via"] == "collective"
         ray.get(system.engines["engine1"].transfer_close.remote())                    # a broken member
         ray.get(system.learners[0].train_step.remote(_pairs(tiny_tokenizer, 4), None, 4))
         fallback = ray.get(system.sync.publish.remote())
         assert fallback["version"] == 2 and fallback["engines"] == {"engine0": 2, "engine1": 2}
-        assert fallback["export_s"] == 0.0 and fallback["fanout_s"] > 0                 # the store path's report
+        assert fallback["via"] == "object_store_fallback" and fallback["fanout_s"] > 0
         prompt = _pairs(tiny_tokenizer, 1)[0].student_prompt
         for name in ("engine0", "engine1"):
             sampled = ray.get(system.engines[name].generate.remote([prompt], {"max_tokens": 8}, 3))[0][0]
@@ -237,7 +243,7 @@ def test_a_collective_publish_that_breaks_part_way_falls_back_to_the_store(local
             replay_lp = ray.get(system.learners[0].response_logprobs.remote([replay]))[0]
             assert sampled.version == 2 and max(abs(a - b) for a, b in zip(sampled.logprobs, replay_lp)) < 1e-4
         again = ray.get(system.sync.publish.remote())
-        assert again["version"] == 3 and again["export_s"] > 0                         # collective again
+        assert again["version"] == 3 and again["via"] == "collective"
     finally:
         system.shutdown()
 
@@ -263,6 +269,7 @@ def test_two_learner_ranks_publish_collectively_to_two_engines(local_ray, tmp_pa
     assert summary["weight_transfer"] == "collective" and summary["steps_done"] == 3
     assert summary["final_version"] == 3 and summary["interactions_trained_twice"] == 0
     assert all(s["gen_version"] == s["score_version"] == s["step"] - 1 for s in _samples(cfg.run_dir))
+    assert [r["publish_via"] for r in _records(cfg.run_dir)] == ["collective"] * 3
 
 
 def test_resume_restores_version_ledger_and_data_position(local_ray, tmp_path, tiny_model_dir):

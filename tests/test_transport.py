@@ -153,3 +153,23 @@ def test_an_update_a_failed_publish_left_open_does_not_block_the_next(gloo_engin
             check_loaded(version, blob.checksum, {"engine0": (engine.version, engine.checksum, 0.0)})
         for got, ref in zip(engine.score(PROMPTS, RESPONSES), _scores(model)):
             assert max(abs(a - b) for a, b in zip(got, ref)) < 1e-4
+
+
+def test_each_engine_gets_init_info_its_vllm_backend_parses():
+    """vLLM's NCCL trainer hands the engines one init info at rank_offset 1: engine k must join at rank 1 + k. Its
+    IPC trainer hands them ``{"packed": ...}``, which has no ranks: it must arrive unchanged (vLLM's engine rejects
+    an unknown field, so a rank_offset added to it fails the first publish on a shared GPU)."""
+    from dataclasses import asdict
+
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferInitInfo
+    from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+
+    nccl = asdict(NCCLWeightTransferInitInfo(master_address="10.0.0.1", master_port=29600, rank_offset=1,
+                                             world_size=4))
+    infos = transport.engine_init_infos(nccl, 3)
+    assert [NCCLWeightTransferInitInfo(**i).rank_offset for i in infos] == [1, 2, 3]
+    assert all({**i, "rank_offset": 1} == nccl for i in infos)
+    ipc = transport.engine_init_infos({"packed": True}, 2)
+    assert [IPCWeightTransferInitInfo(**i).packed for i in ipc] == [True, True] and ipc == [{"packed": True}] * 2
+    gloo = asdict(transfer_backends.GlooInitInfo("127.0.0.1", 29601, 1, 3, 1 << 16, 60.0))
+    assert [transfer_backends.GlooInitInfo(**i).rank_offset for i in transport.engine_init_infos(gloo, 2)] == [1, 2]

@@ -196,7 +196,8 @@ def test_publish_report_to_json():
     engines = {"engine0": 2}
     report = PublishReport(2, "c", 100, export_s=0.125, put_s=0.25, fanout_s=0.75, reload_s=0.25, engines=engines)
     assert report.to_json() == {"version": 2, "checksum": "c", "bytes": 100, "export_s": 0.125, "put_s": 0.25,
-                                "fanout_s": 0.75, "transfer_s": 0.5, "reload_s": 0.25, "engines": {"engine0": 2}}
+                                "fanout_s": 0.75, "transfer_s": 0.5, "reload_s": 0.25, "engines": {"engine0": 2},
+                                "via": "object_store"}
     assert report.to_json()["engines"] is not engines
     assert PublishReport(1, "c", 0, fanout_s=0.25, reload_s=0.5).to_json()["transfer_s"] == 0.0  # never negative
     assert PublishReport(1, "c", 0).to_json()["engines"] == {}
@@ -361,3 +362,12 @@ def test_a_learner_lost_directly_or_with_the_weights_it_owned_restarts_the_learn
         return
     driver.train_with_recovery(cfg, None, policy, source, None)
     assert policy.restarts == 1 and len(attempts) == 2 and policy.restores == [False, True]  # resumed, republished
+
+
+def test_published_weights_are_packed_in_the_dtype_every_engine_computes_in():
+    from rayuid.system.actors.spawn import serve_dtype
+
+    bf16 = {"dtype": "bfloat16", "device": "cpu", "native_bf16": True}
+    decided = {"learner0": {"dtype": "float32", "compute_dtype": "bfloat16"}, "engine0": bf16, "teacher0": bf16}
+    assert serve_dtype(decided) == "bfloat16"                                    # not the learner's fp32 masters
+    assert serve_dtype({**decided, "teacher0": {**bf16, "dtype": "float32"}}) is None   # engines differ: as stored

@@ -44,6 +44,7 @@ from rayuid.data.readers import (
     RawRecord,
     detect_format,
     iter_records,
+    label,
     normalise_conversation,
     record_conversation_id,
     record_messages,
@@ -316,7 +317,7 @@ def extract_interactions(
 
 def _explain(inputs: list[str], report: ExtractReport) -> str:
     """The NoInteractionsError message: which inputs, the main reasons with examples and fixes."""
-    names = ", ".join(inputs) or "(no inputs)"
+    names = ", ".join(i if isinstance(i, str) else label(i) for i in inputs) or "(no inputs)"
     if report.conversations_read == 0:
         return f"No interactions extracted from {names}: no records were read (are the inputs empty?)."
     lines = [f"No interactions extracted from {names} ({report.conversations_read:,} records read). Top reasons:"]

@@ -95,6 +95,14 @@ def split_spec(source: str) -> tuple[str, str]:
     return name, split
 
 
+def with_revision(source: str, revision: str | None) -> str | DataSource:
+    """``rayuid extract --revision``: a hub input read at ``revision`` (a branch, tag or commit); local files and
+    folders as they are."""
+    if revision is None or Path(source).expanduser().exists():
+        return source
+    return as_source(source).model_copy(update={"revision": revision})
+
+
 def label(spec: DataSource) -> str:
     """How records of ``spec`` name where they came from: ``name[:config]:split``."""
     return ":".join(p for p in (spec.name, spec.config, spec.split) if p)

@@ -16,6 +16,7 @@ folder, else a table of the models the shipped jobs name); roles without ``gpu_m
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,13 @@ def _engine_need(role: str, field: str, model: str, settings, resources) -> Need
                 util * resources.gpu_memory_gib, tp, resources.num_gpus)
 
 
+def user_resources(r):
+    """The resources the LLM user simulator runs on: ``ray.user``, or the engines' (``ray.engine``) when the user
+    was given none (``rayuid.system.actors.spawn.plan_bundles`` places it that way)."""
+    given = r.user.num_cpus > 0 or r.user.num_gpus > 0 or any(v > 0 for v in r.user.resources.values())
+    return r.user if given else r.engine
+
+
 def needs(cfg) -> list[Need]:
     """Every GPU role of the job that can be sized."""
     r, out = cfg.ray, []
@@ -89,7 +97,7 @@ def needs(cfg) -> list[Need]:
     online = cfg.online
     if online is not None and online.user.kind == "llm":
         out.append(_engine_need("LLM user", "ray.user_vllm", online.user.model or cfg.model.name,
-                                r.user_vllm or r.vllm, r.user))
+                                r.user_vllm or r.vllm, user_resources(r)))
     if online is not None and online.judge is not None:
         judge = r.judge_vllm or r.vllm
         judge = judge.model_copy(update={"max_model_len": online.judge.max_model_len or judge.max_model_len})
@@ -102,10 +110,28 @@ def needs(cfg) -> list[Need]:
     return [n for n in out if n is not None]
 
 
+def _shared_gpu_problem(cfg, found: list[Need]) -> str | None:
+    """Learner and engine on one GPU (fractional num_gpus on both): vLLM takes gpu_memory_utilization of the whole
+    GPU, so the learner must fit beside it (5% kept for the two CUDA contexts)."""
+    r = cfg.ray
+    learner = next((n for n in found if n.role.startswith("learner")), None)
+    if learner is None or not (0 < r.learner.num_gpus < 1 and 0 < r.engine.num_gpus < 1) or not r.engine.gpu_memory_gib:
+        return None
+    util = r.vllm.gpu_memory_utilization or 0.9
+    left = (0.95 - util) * r.engine.gpu_memory_gib
+    if learner.weights_gib <= left:
+        return None
+    fits = math.floor((0.95 - learner.weights_gib / r.engine.gpu_memory_gib) * 100) / 100
+    fix = f"lower ray.vllm.gpu_memory_utilization to {fits:.2f}" if fits > 0.05 else "give each its own GPU"
+    return (f"learner and engine share a {r.engine.gpu_memory_gib:g} GiB GPU: the engine takes "
+            f"{util:g} of it, which leaves {left:.1f} GiB for the learner's {learner.weights_gib:.1f} GiB; {fix}")
+
+
 def problems(cfg) -> list[str]:
     """One line per role that does not fit, saying what to change; empty when everything fits."""
-    out = []
-    for n in needs(cfg):
+    found = needs(cfg)
+    out = [p for p in [_shared_gpu_problem(cfg, found)] if p]
+    for n in found:
         section = n.role.split("(")[-1].rstrip(")")
         if n.gpus_needed > 1 and n.gpus_needed > n.gpus_given:  # TP 1 may take a share of a GPU
             out.append(f"{n.role}: tensor_parallel_size={n.gpus_needed} needs {n.gpus_needed} GPUs per replica "

@@ -154,7 +154,7 @@ def online_step(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSourc
     return {**policy.record(samples, stats, published, about), **clock.times, "step": step + 1,  # the driver's keys
             "interactions": len(samples), "gen_versions": sorted({s.generation.version for s in samples}),  # win
             "score_versions": sorted(set(versions)), "mean_reply_words": sum(words) / max(len(words), 1),
-            "publish_bytes": published["bytes"]}, pending
+            "publish_bytes": published["bytes"], "publish_via": published.get("via")}, pending
 
 
 def offline_step(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSource, step: int,
@@ -170,7 +170,8 @@ def offline_step(cfg: TrainConfig, calls: Calls, policy: Policy, source: RunSour
     clock.lap("sync_s")
     ledger.record(step + 1, ids)                                                                   # log
     return {**policy.record([], stats, published, {}), **clock.times, "step": step + 1, "interactions": len(pairs),
-            "score_versions": sorted(set(versions)), "publish_bytes": published["bytes"]}
+            "score_versions": sorted(set(versions)), "publish_bytes": published["bytes"],
+            "publish_via": published.get("via")}
 
 
 def score(cfg: TrainConfig, calls: Calls, policy: Policy, users: list[str | None],

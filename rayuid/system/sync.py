@@ -24,6 +24,10 @@ class SyncError(RuntimeError):
     """An engine loaded the wrong version or bytes, or did not answer in time."""
 
 
+FALLBACK = "object_store_fallback"
+"""``PublishReport.via`` of a collective publish that failed part-way and went through the object store."""
+
+
 @dataclass
 class PublishReport:
     """One publish, its time split where it goes: the learner's gather + pack (``export_s``) and copy into the object
@@ -38,12 +42,15 @@ class PublishReport:
     fanout_s: float = 0.0
     reload_s: float = 0.0
     engines: dict[str, int] = field(default_factory=dict)
+    via: str = "object_store"
+    """How the version reached the engines: object_store, collective, or object_store_fallback (a collective
+    publish failed part-way and the same version went through the store)."""
 
     def to_json(self) -> dict:
         return {"version": self.version, "checksum": self.checksum, "bytes": self.num_bytes,
                 "export_s": self.export_s, "put_s": self.put_s, "fanout_s": self.fanout_s,
                 "transfer_s": max(self.fanout_s - self.reload_s, 0.0), "reload_s": self.reload_s,
-                "engines": dict(self.engines)}
+                "engines": dict(self.engines), "via": self.via}
 
 
 def check_loaded(version: int, checksum: str, reports: dict[str, tuple]) -> None:

@@ -99,6 +99,15 @@ def shares_gpu(cfg) -> bool:
     return 0 < cfg.ray.learner.num_gpus < 1 and 0 < cfg.ray.engine.num_gpus < 1
 
 
+def engine_init_infos(init_info: dict, engines: int) -> list[dict]:
+    """Pure: what each engine's ``init_weight_transfer_engine`` gets. Engine k sits at rank_offset + k where the
+    backend has ranks (NCCL, gloo: the sender is rank 0); IPC's init info has no ranks (vLLM rejects unknown
+    fields), so every engine gets it as it is."""
+    if "rank_offset" not in init_info:
+        return [dict(init_info) for _ in range(engines)]
+    return [{**init_info, "rank_offset": init_info["rank_offset"] + k} for k in range(engines)]
+
+
 class EngineGroup:
     """vLLM's ``VLLMWeightSyncClient`` over rayuid's engine actors: engine k joins at rank k + 1 (vLLM's own Ray
     client would give every independent engine the same rank), and every wait has a timeout that names the engine
@@ -119,8 +128,7 @@ class EngineGroup:
         return [ray.get(r) for r in refs.values()]
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        self._all("transfer_init", [({**init_info, "rank_offset": init_info.get("rank_offset", 1) + k},)
-                                    for k in range(len(self.engines))])
+        self._all("transfer_init", [(info,) for info in engine_init_infos(init_info, len(self.engines))])
 
     def start_weight_update(self) -> None:
         self._all("transfer_start", [()] * len(self.engines))

@@ -140,7 +140,7 @@ def plan_bundles(cfg: TrainConfig, needs_user_engine: bool) -> list[tuple[str, d
     plan = [(f"learner{i}", _bundle(r.learner)) for i in range(r.learners)]
     plan += [(name, _bundle(r.engine)) for name in dict.fromkeys(rollout + teacher)]
     if needs_user_engine or _bundle(r.user):
-        plan.append(("user", _bundle(r.user) or _bundle(r.engine)))
+        plan.append(("user", _bundle(capacity.user_resources(r))))
     if cfg.online is not None and cfg.online.judge is not None:
         plan.append(("judge", _bundle(r.judge)))
     empty = [name for name, b in plan if not b]

@@ -19,7 +19,7 @@ import time
 
 import ray
 
-from rayuid.system.sync import PublishReport, check_loaded, timeout_error
+from rayuid.system.sync import FALLBACK, PublishReport, check_loaded, timeout_error
 
 DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ class WeightSyncActor:
         check_loaded(version, out["checksum"], reports)
         self.version, self.checksum, self.blob_ref = version, out["checksum"], None
         report = PublishReport(version, out["checksum"], out["bytes"], out["export_s"], 0.0,
-                               time.perf_counter() - t0 - out["export_s"], 0.0, {n: r[0] for n, r in reports.items()})
+                               time.perf_counter() - t0 - out["export_s"], 0.0, {n: r[0] for n, r in reports.items()},
+                               via="collective")
         return report.to_json()
 
     def _publish_through_store(self, version: int, err: BaseException) -> dict:
@@ -111,12 +112,12 @@ class WeightSyncActor:
         self.blob_ref, checksum, num_bytes, sent_version = ray.get(self.learners[0].last_sent.remote(),
                                                                    timeout=self.timeout_s)
         if sent_version != version:  # the failure came before rank 0 packed this version: export it now
-            return self._publish_store(version)
+            return {**self._publish_store(version), "via": FALLBACK}
         reports = self._load(list(self.engines), version)
         check_loaded(version, checksum, reports)
         self.version, self.checksum = version, checksum
         return PublishReport(version, checksum, num_bytes, 0.0, 0.0, time.perf_counter() - t0, 0.0,
-                             {n: r[0] for n, r in reports.items()}).to_json()
+                             {n: r[0] for n, r in reports.items()}, via=FALLBACK).to_json()
 
     def _open_group(self) -> None:
         if self.group_open:
