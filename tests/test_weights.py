@@ -57,6 +57,8 @@ def test_tied_names_share_one_slot():
     out = unflatten(pack_state_dict(state, 1, dtype=torch.bfloat16))
     assert torch.equal(out["lm_head.weight"], shared.to(torch.bfloat16)) and torch.equal(out["norm"], state["norm"])
     assert plan_layout({"a": shared, "b": shared.clone()})[1].offset > 0   # equal values are not the same tensor
+    once = unflatten(pack_state_dict(state, 1), distinct=True)          # what the NCCL / IPC senders send
+    assert list(once) == ["embed.weight", "norm"] and torch.equal(once["embed.weight"], shared)
 
 
 def test_packer_reuses_its_buffer_while_the_layout_holds():

@@ -124,11 +124,17 @@ def verify(blob: WeightsBlob) -> None:
         raise ValueError(f"weights v{blob.version} are corrupt: checksum mismatch; re-publish from the learner")
 
 
-def unflatten(blob: WeightsBlob) -> dict[str, torch.Tensor]:
-    """Checked, then name → tensor views into the blob's buffer (no copy; read-only if the buffer is)."""
+def unflatten(blob: WeightsBlob, distinct: bool = False) -> dict[str, torch.Tensor]:
+    """Checked, then name → tensor views into the blob's buffer (no copy; read-only if the buffer is).
+    ``distinct``: a tied tensor under its first name only (what a per-tensor sender should send once)."""
     verify(blob)
-    flat = _flat(blob.data)
-    return {spec.name: _view(flat, spec) for spec in blob.index}
+    flat, seen, out = _flat(blob.data), set(), {}
+    for spec in blob.index:
+        if distinct and spec.nbytes and spec.offset in seen:
+            continue
+        seen.add(spec.offset)
+        out[spec.name] = _view(flat, spec)
+    return out
 
 
 def jsonable(obj):

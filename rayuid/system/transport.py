@@ -159,7 +159,7 @@ def send(sender, blob: WeightsBlob, client: EngineGroup) -> Sent:
     if sender.init_info_cls.backend == GLOO:
         sender.source, expected = blob, blob.checksum
     else:  # vLLM's NCCL / IPC senders read a WeightSource of (name, tensor) on the GPU
-        pairs = list(unflatten(blob).items())
+        pairs = list(unflatten(blob, distinct=True).items())  # tied weights once, as on the gloo path
         sender.source = Source(pairs, "cuda")
         expected = fingerprint(pairs)  # integer sums: the same on the host as on the engine's GPU
     sender.send_weights()
