@@ -40,6 +40,12 @@ INSTANCE_TYPES = {"m6i.4xlarge": (16, 64, 0), "g6e.xlarge": (4, 32, 1), "g6e.2xl
                   "a3-highgpu-8g": (208, 1872, 8)}
 
 
+# GPU instance types -> memory of one GPU in GiB (what `gpu_memory_gib` in jobs/ must not exceed): L40S 48 GB,
+# L4 24 GB, H100 80 GB (nvidia-smi's MiB / 1024).
+GPU_MEMORY_GIB = {"g6e.xlarge": 44.7, "g6e.2xlarge": 44.7, "g2-standard-8": 22.5, "p5.48xlarge": 79.6,
+                  "a3-highgpu-8g": 79.6}
+
+
 # The GKE machine types the KubeRay pods must also fit (cluster/README.md: on GKE only the nodeSelectors change).
 GKE_TYPES = {"m6i.4xlarge": "n2-standard-16", "g6e.2xlarge": "g2-standard-8", "p5.48xlarge": "a3-highgpu-8g"}
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from cluster_files import (
     CLUSTER,
+    GPU_MEMORY_GIB,
     INSTANCE_TYPES,
     KUBERAY,
     LAUNCHER,
@@ -170,6 +171,33 @@ def test_ray_jobs_fit_every_cluster():
     problems = [f"{path.name} on {cluster}: {problem}" for path in jobs for cluster, (_, roles) in all_roles().items()
                 for problem in misfits(gpu_demand(load_config(path).ray), roles)]
     assert problems == []
+
+
+def test_the_gpu_memory_jobs_are_sized_for_is_what_the_node_types_have():
+    """Each GPU role's `gpu_memory_gib` (what rayuid.system.capacity checks against) is at most the GPU memory of
+    every instance type that advertises the role's node resource in cluster/'s launcher files."""
+    from rayuid.config import load_config
+
+    def role_of(resources: dict) -> str | None:
+        return next((r for r in ROLES if r in resources), None)
+
+    smallest: dict[str, float] = {}
+    for name in LAUNCHER:
+        for node in load(name)["available_node_types"].values():
+            if role := role_of(node["resources"]):
+                instance = node["node_config"].get("InstanceType") or node["node_config"]["machineType"]
+                smallest[role] = min(smallest.get(role, float("inf")), GPU_MEMORY_GIB[instance])
+    assert set(smallest) == set(ROLES)
+    sized = []
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        if "ray" not in (yaml.safe_load(path.read_text()) or {}):
+            continue                                    # runtime_env.yaml, the single-process offline jobs
+        r = load_config(path).ray
+        for res in [r.learner, r.engine, r.user, r.judge]:
+            if res.num_gpus > 0 and res.gpu_memory_gib and (role := role_of(res.resources)):
+                sized.append(path.name)
+                assert res.gpu_memory_gib <= smallest[role], f"{path.name}: {res}"
+    assert len(sized) >= 10
 
 
 def test_capacity_check_catches_a_job_too_big():

@@ -3,6 +3,9 @@ real vLLM engine, and a transport that delivers the wrong bytes is caught by the
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -173,3 +176,40 @@ def test_each_engine_gets_init_info_its_vllm_backend_parses():
     assert [IPCWeightTransferInitInfo(**i).packed for i in ipc] == [True, True] and ipc == [{"packed": True}] * 2
     gloo = asdict(transfer_backends.GlooInitInfo("127.0.0.1", 29601, 1, 3, 1 << 16, 60.0))
     assert [transfer_backends.GlooInitInfo(**i).rank_offset for i in transport.engine_init_infos(gloo, 2)] == [1, 2]
+
+
+def test_an_engine_that_does_not_join_the_group_is_named_when_the_wait_times_out(local_ray):
+    """vLLM's own Ray client waits for its engines without a timeout; rayuid's group names the late engine."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def __init__(self, hang_s: float):
+            self.hang_s, self.got = hang_s, None
+
+        def transfer_init(self, info: dict) -> None:
+            time.sleep(self.hang_s)
+            self.got = info
+
+        def info(self):
+            return self.got
+
+    engines = {"engine0": Engine.remote(0.0), "teacher0": Engine.remote(30.0)}
+    group = transport.EngineGroup(engines, timeout_s=2.0)
+    t0 = time.perf_counter()
+    with pytest.raises(SyncError, match=r"timed out after 2s waiting for teacher0\. "):
+        group.init_weight_transfer_engine({"master_address": "127.0.0.1", "rank_offset": 1})
+    assert time.perf_counter() - t0 < 10
+    assert ray.get(engines["engine0"].info.remote()) == {"master_address": "127.0.0.1", "rank_offset": 1}
+    for handle in engines.values():
+        ray.kill(handle)
+
+
+def test_lora_adapters_keep_the_adapter_path_under_either_transport(tiny_model_dir):
+    from rayuid.config import load_config
+
+    jobs = Path(__file__).resolve().parents[1] / "jobs"
+    for transfer in ("object_store", "collective", "auto"):
+        cfg = load_config(jobs / "smoke.yaml", [f"model.name={tiny_model_dir}", f"ray.weight_transfer={transfer}",
+                                                "model.lora={r: 4}"])
+        assert transport.mode(cfg) == "object_store"
