@@ -152,12 +152,12 @@ def gpu_demand(ray) -> dict[str, tuple[float, float, int]]:
     """{node role: (GPUs, CPUs per actor, actors)} for a job's `ray:` block; a GPU user simulator or judge counts on
     the node role its custom resource names (a 32B user/judge sits on the 80 GB learner GPUs)."""
     learners, engines = ray.learners, ray.rollout_workers + ray.teacher_workers
-    for extra in (ray.user, ray.judge):
+    for extra, replicas in ((ray.user, ray.user_workers), (ray.judge, ray.judge_workers)):
         if extra.num_gpus > 0:
             if "learner" in extra.resources:
-                learners += 1
+                learners += replicas
             else:
-                engines += 1
+                engines += replicas
     return {"learner": (ray.learner.num_gpus, ray.learner.num_cpus, learners),
             "inference": (ray.engine.num_gpus, ray.engine.num_cpus, engines)}
 

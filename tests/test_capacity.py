@@ -92,7 +92,7 @@ def test_an_llm_user_without_resources_of_its_own_is_sized_on_the_engines_gpus()
     (user,) = [n for n in capacity.needs(cfg) if n.role.startswith("LLM user")]
     assert user.budget_gib == pytest.approx((cfg.ray.user_vllm or cfg.ray.vllm).gpu_memory_utilization
                                             * cfg.ray.engine.gpu_memory_gib)
-    assert dict(plan_bundles(cfg, needs_user_engine=True))["user"]["GPU"] == cfg.ray.engine.num_gpus
+    assert dict(plan_bundles(cfg, needs_user_engine=True))["user0"]["GPU"] == cfg.ray.engine.num_gpus
     assert any(p.startswith("LLM user (ray.user_vllm): Qwen/Qwen3-32B needs 61.1 GiB") for p in capacity.problems(cfg))
 
 

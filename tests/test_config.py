@@ -193,3 +193,13 @@ def test_every_shipped_job_names_data_that_loads(path):
             assert spec.config in MULTI_CONFIG[spec.name], f"{path.name}: {spec.name} needs one of its configs"
         if spec.name in SCRIPT_DATASETS:
             assert spec.revision == "refs/convert/parquet", f"{path.name}: {spec.name} is a script dataset"
+
+
+def test_user_and_judge_replicas_need_an_llm_to_replicate():
+    job = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
+    llm = load_config(job, ["online.user={kind: llm, persona: concise}", "ray.user_workers=2"])
+    assert llm.ray.user_workers == 2 and llm.ray.judge_workers == 1
+    with pytest.raises(ConfigError, match="ray.user_workers > 1 needs an LLM user"):
+        load_config(job, ["ray.user_workers=2"])                         # smoke.yaml's user is rule-based
+    with pytest.raises(ConfigError, match="ray.judge_workers > 1 needs online.judge"):
+        load_config(job, ["ray.judge_workers=3"])

@@ -44,7 +44,7 @@ def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, ti
     assert len({s["id"] for s in samples}) == len(samples) == 12
     assert sorted(s["user"] for s in samples) == ["ann"] * 4 + ["ben"] * 4 + ["cat"] * 4
 
-    resumed = run(_cfg(run_dir, tiny_model_dir, "online.steps=3", *judged))              # resume at step 2 with 3 users
+    resumed = run(_cfg(run_dir, tiny_model_dir, "online.steps=3", *judged, "ray.judge_workers=2"))  # resume at 2
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and resumed["interactions_trained"] == 18
     assert {u: v["version"] for u, v in metrics[-1]["users"].items()} == {"ann": 3, "ben": 3, "cat": 3}
@@ -59,6 +59,9 @@ def test_three_users_train_their_own_adapters_and_resume(local_ray, tmp_path, ti
     assert len(results["cross"]) == 9 and {r["persona"] for r in results["retention"]} == {"no_lists", "concise"}
     assert all(r["judge_wins"] + r["judge_losses"] + r["judge_ties"] == 4 for r in results["rows"])
     assert results["judge"]["judged"] > 0 and results["judge"]["too_long"] <= results["judge"]["judged"]
+    replicas = results["judge"]["replicas"]                        # the resumed run's two judges split the work
+    assert len(replicas) == 2 and all(r["judged"] > 0 for r in replicas)
+    assert results["judge"]["judged"] == sum(r["judged"] for r in replicas)
     assert (run_dir / "results.png").stat().st_size > 10_000
     assert len((run_dir / "results.csv").read_text().splitlines()) == 1 + len(results["rows"])
 

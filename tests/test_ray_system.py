@@ -326,3 +326,34 @@ def test_lora_run_syncs_only_the_adapter(local_ray, tmp_path, tiny_model_dir):
     hf = Path(summary["checkpoint"]) / "hf"
     assert (hf / "adapter_config.json").exists()
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(hf))
+
+
+def test_llm_user_replicas_split_a_batch_and_answer_as_one_would(local_ray, tmp_path, tiny_model_dir):
+    """ray.user_workers=2: each replica (its own vLLM engine) answers its half of the batch; greedy, the follow-ups
+    are what each replica gives for its half, in the batch's order."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from rayuid.system import phases
+    from rayuid.system.actors.spawn import build_system
+    from rayuid.system.calls import Calls
+
+    cfg = _smoke(tmp_path / "run", tiny_model_dir, "online.user={kind: llm, persona: concise, max_tokens: 8}",
+                 "ray.user_workers=2", "ray.user={num_cpus: 0.25}", "ray.engine.num_cpus=0.5",
+                 "ray.user_vllm={dtype: float32, max_model_len: 640, kv_cache_memory_bytes: 67108864}",
+                 "ray.learner.num_cpus=0.5")
+    samples = [SimpleNamespace(prompt=SimpleNamespace(messages=[{"role": "user", "content": f"Question {i}?"}]),
+                               generation=SimpleNamespace(text=f"A long answer number {i}.")) for i in range(4)]
+    system = build_system(cfg, total_steps=1)
+    try:
+        assert len(system.users) == 2 and {"user0", "user1"} <= set(system.bundle_of)
+        followups = phases.simulate(Calls(system, timeout_s=300, retries=0), samples)
+        stats = ray.get([u.stats.remote() for u in system.users])
+        assert [s["replies"] for s in stats] == [2, 2] and [s["calls"] for s in stats] == [1, 1]
+        alone = [ray.get(user.respond.remote([s.prompt.messages[0]["content"] for s in part],
+                                             [s.generation.text for s in part]))
+                 for user, part in zip(system.users, (samples[:2], samples[2:]))]
+        assert followups == alone[0] + alone[1] and all(isinstance(f, str) and f for f in followups)
+    finally:
+        system.shutdown()

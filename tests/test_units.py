@@ -58,16 +58,21 @@ def test_plan_user_bundle_only_when_needed():
     cfg = _cfg()  # rule-based user, ray.user.num_cpus = 0 (the default)
     assert [name for name, _ in plan_bundles(cfg, False)] == ["learner0", "engine0"]
     # an LLM user needs an engine: it gets ray.user's bundle, or ray.engine's when ray.user asks for nothing
-    assert plan_bundles(cfg, True)[-1] == ("user", HALF)
+    assert plan_bundles(cfg, True)[-1] == ("user0", HALF)
     own = _cfg("ray.user.num_cpus=0.25")
-    assert plan_bundles(own, True)[-1] == ("user", {"CPU": 0.25})
-    assert plan_bundles(own, False)[-1] == ("user", {"CPU": 0.25})  # resources asked for: reserved either way
+    assert plan_bundles(own, True)[-1] == ("user0", {"CPU": 0.25})
+    assert plan_bundles(own, False)[-1] == ("user0", {"CPU": 0.25})  # resources asked for: reserved either way
+    two = _cfg("online.user={kind: llm}", "ray.user_workers=2")
+    assert plan_bundles(two, True)[-2:] == [("user0", HALF), ("user1", HALF)]          # one bundle per replica
 
 
 def test_plan_judge_bundle_comes_last():
     cfg = _cfg("online.judge={}", "ray.judge.num_cpus=0", "ray.judge.num_gpus=1")
-    assert plan_bundles(cfg, True) == [("learner0", HALF), ("engine0", HALF), ("user", HALF), ("judge", {"GPU": 1.0})]
-    assert [name for name, _ in plan_bundles(_cfg(), True)] == ["learner0", "engine0", "user"]  # no judge asked
+    assert plan_bundles(cfg, True) == [("learner0", HALF), ("engine0", HALF), ("user0", HALF),
+                                       ("judge0", {"GPU": 1.0})]
+    assert [name for name, _ in plan_bundles(_cfg(), True)] == ["learner0", "engine0", "user0"]  # no judge asked
+    two = _cfg("online.judge={}", "ray.judge_workers=2")
+    assert [name for name, _ in plan_bundles(two, True)][-2:] == ["judge0", "judge1"]
 
 
 def test_plan_gpus_and_custom_resources_zero_entries_dropped():
@@ -84,8 +89,8 @@ def test_plan_offline_run_has_no_user_or_judge():
     (["ray.engine.num_cpus=0", "ray.rollout_workers=2", "ray.teacher_workers=1"], False,
      "['engine0', 'engine1', 'teacher0']"),
     (["ray.learner.num_cpus=0", "ray.learners=2"], False, "['learner0', 'learner1']"),
-    (["ray.engine.num_cpus=0"], True, "['engine0', 'user']"),  # the user falls back to the empty engine bundle
-    (["online.judge={}", "ray.judge.num_cpus=0"], False, "['judge']"),
+    (["ray.engine.num_cpus=0"], True, "['engine0', 'user0']"),  # the user falls back to the empty engine bundle
+    (["online.judge={}", "ray.judge.num_cpus=0"], False, "['judge0']"),
 ])
 def test_plan_role_without_cpu_or_gpu_is_named(overrides, needs_user, empty):
     with pytest.raises(ClusterError) as err:
@@ -283,7 +288,7 @@ def test_calls_engines_submits_every_shard_then_retries_the_dead_one(local_ray, 
     engines = {n: engine.remote(n, str(tmp_path)) for n in ("engine0", "engine1")}
     sync = ray.remote(FakeSync).options(num_cpus=0).remote(engines)
     ray.get([h.version.remote() for h in engines.values()] + [sync.names.remote()], timeout=60)
-    calls = Calls(system=SimpleNamespace(engines=engines, sync=sync, user=None), timeout_s=30, retries=1)
+    calls = Calls(system=SimpleNamespace(engines=engines, sync=sync, users=[]), timeout_s=30, retries=1)
     # engine0 finishes only once engine1's shard has started: were engine1's not submitted before engine0's result
     # is awaited, engine0 would report saw=False (after 20 s)
     out = calls.engines(["engine0", "engine1"], "generate", [([0, 1], False, "engine1"), ([2], True, None)])
@@ -296,7 +301,7 @@ def test_calls_engines_submits_every_shard_then_retries_the_dead_one(local_ray, 
 def test_calls_user_retries_on_a_dead_simulator(local_ray, tmp_path):
     user = ray.remote(FakeUser).options(num_cpus=0, max_restarts=1, max_task_retries=0).remote(str(tmp_path))
     ray.get(user.ready.remote(), timeout=60)
-    calls = Calls(system=SimpleNamespace(engines={}, sync=None, user=user), timeout_s=30, retries=1)
+    calls = Calls(system=SimpleNamespace(engines={}, sync=None, users=[user]), timeout_s=30, retries=1)
     out = calls.user("respond", [(["p0"], ["r0"]), (["p1", "p2"], ["r1", "r2"])])
     assert out == [["p0|r0"], ["p1|r1", "p2|r2"]]
     # the first call died (taking the queued second one with it); both were resubmitted to the restarted actor
@@ -306,7 +311,7 @@ def test_calls_user_retries_on_a_dead_simulator(local_ray, tmp_path):
 def test_calls_user_gives_up_after_its_retries(local_ray, tmp_path):
     user = ray.remote(FakeUser).options(num_cpus=0, max_restarts=0, max_task_retries=0).remote(str(tmp_path))
     ray.get(user.ready.remote(), timeout=60)
-    calls = Calls(system=SimpleNamespace(engines={}, sync=None, user=user), timeout_s=30, retries=0)
+    calls = Calls(system=SimpleNamespace(engines={}, sync=None, users=[user]), timeout_s=30, retries=0)
     with pytest.raises(ACTOR_DIED):
         calls.user("respond", [(["p0"], ["r0"])])
     assert _attempts(tmp_path, "user") == 1
@@ -371,3 +376,33 @@ def test_published_weights_are_packed_in_the_dtype_every_engine_computes_in():
     decided = {"learner0": {"dtype": "float32", "compute_dtype": "bfloat16"}, "engine0": bf16, "teacher0": bf16}
     assert serve_dtype(decided) == "bfloat16"                                    # not the learner's fp32 masters
     assert serve_dtype({**decided, "teacher0": {**bf16, "dtype": "float32"}}) is None   # engines differ: as stored
+
+
+def test_calls_user_spreads_calls_over_the_replicas_and_retries_each_on_its_own(local_ray, tmp_path):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    cls = ray.remote(FakeUser).options(num_cpus=0, max_restarts=1, max_task_retries=0)
+    users = [cls.remote(str(tmp_path / "a")), cls.remote(str(tmp_path / "b"))]
+    ray.get([u.ready.remote() for u in users], timeout=60)
+    calls = Calls(system=SimpleNamespace(engines={}, sync=None, users=users), timeout_s=30, retries=1)
+    out = calls.user("respond", [(["p0"], ["r0"]), (["p1"], ["r1"]), (["p2"], ["r2"])])
+    assert out == [["p0|r0"], ["p1|r1"], ["p2|r2"]]
+    # a: calls 0 and 2 (its first attempt died, taking the queued one along: both sent again), b: call 1 (died once)
+    assert _attempts(tmp_path / "a", "user") == 3 and _attempts(tmp_path / "b", "user") == 2
+
+
+def test_simulate_splits_a_batch_over_the_user_replicas_in_order():
+    from rayuid.system import phases
+
+    asked = []
+
+    def user(method, batches):
+        asked.append([len(prompts) for prompts, _ in batches])
+        return [[f"{p}->{r}" for p, r in zip(prompts, replies)] for prompts, replies in batches]
+
+    samples = [SimpleNamespace(prompt=SimpleNamespace(messages=[{"content": f"q{i}"}]),
+                               generation=SimpleNamespace(text=f"a{i}")) for i in range(5)]
+    calls = SimpleNamespace(system=SimpleNamespace(users=[0, 1, 2]), user=user)
+    assert phases.simulate(calls, samples) == [f"q{i}->a{i}" for i in range(5)]
+    assert asked == [[2, 2, 1]]
+    calls.system.users = [0] * 8                                       # more replicas than samples: no empty calls
+    assert phases.simulate(calls, samples[:2]) == ["q0->a0", "q1->a1"] and asked[-1] == [1, 1]

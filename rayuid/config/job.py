@@ -92,6 +92,17 @@ class TrainConfig(StrictModel):
                                  "ray.teacher_in=learner (vLLM scoring returns sampled-token log-probs)")
         return self
 
+    @model_validator(mode="after")
+    def _check_replicas(self) -> "TrainConfig":
+        if self.ray is None:
+            return self
+        if self.ray.user_workers > 1 and (self.online is None or self.online.user.kind != "llm"):
+            raise ValueError("ray.user_workers > 1 needs an LLM user (online.user.kind=llm): a rule-based user is "
+                             "one actor; remove ray.user_workers")
+        if self.ray.judge_workers > 1 and (self.online is None or self.online.judge is None):
+            raise ValueError("ray.judge_workers > 1 needs online.judge; set it or remove ray.judge_workers")
+        return self
+
 
 def _models_in(annotation) -> list[tuple[str, type[BaseModel]]]:
     """(path suffix, model) for each model a field holds: itself, optionally, or as list items (suffix `[]`)."""

@@ -75,6 +75,12 @@ class RaySettings(StrictModel):
     gets ray.engine's resources."""
     judge: Resources = Resources()
     """Resources of the LLM judge's engine (only started when online.judge is set)."""
+    user_workers: int = Field(1, ge=1)
+    """Replicas of the LLM user simulator, each its own engine on ray.user's resources; a step's follow-ups are
+    split over them. A rule-based user is one actor (1)."""
+    judge_workers: int = Field(1, ge=1)
+    """Replicas of the LLM judge (online.judge), each its own engine on ray.judge's resources; an evaluation's
+    judgements are split over them."""
     teacher_in: Literal["vllm", "learner"] = "vllm"
     """vllm = one batched prefill (prompt_logprobs) on the live policy; learner = a no-grad forward in the learner."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"

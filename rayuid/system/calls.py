@@ -72,12 +72,14 @@ class Calls:
         self.wait(self.system.sync.sync_engine.remote(name))
 
     def user(self, method: str, calls: list[tuple]) -> list:
-        """``method(*args)`` on the user simulator for every ``args`` (all submitted at once); a call that meets a
-        dead simulator is retried on its restarted actor."""
-        refs = [getattr(self.system.user, method).remote(*args) for args in calls]
-        return [self._user_result(method, args, ref) for args, ref in zip(calls, refs)]
+        """``method(*args)`` for every ``args``, call i on user simulator replica i mod ``len(system.users)`` (all
+        submitted at once); a call that meets a dead replica is retried on that replica's restarted actor."""
+        users = self.system.users
+        handles = [users[i % len(users)] for i in range(len(calls))]
+        refs = [getattr(h, method).remote(*args) for h, args in zip(handles, calls)]
+        return [self._user_result(h, method, args, ref) for h, args, ref in zip(handles, calls, refs)]
 
-    def _user_result(self, method: str, args: tuple, ref):
+    def _user_result(self, user, method: str, args: tuple, ref):
         """A simulator holds no state, so a call is simply sent again: after a death (``retries`` of them at most),
         and while Ray is still restarting the actor (not a new death, so no retry is spent; bounded by the timeout)."""
         deaths, deadline = 0, time.monotonic() + self.timeout_s
@@ -93,4 +95,4 @@ class Calls:
                     raise
                 deaths += 1
                 log.warning("user simulator died during %s; retrying on its restarted actor", method)
-            ref = getattr(self.system.user, method).remote(*args)
+            ref = getattr(user, method).remote(*args)

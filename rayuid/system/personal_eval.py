@@ -25,6 +25,7 @@ from rayuid.feedback.users import make_persona
 from rayuid.personal.report import plot, write_csv
 from rayuid.personal.schedule import persona_at, phase_at
 from rayuid.system.evaluation import greedy_replies
+from rayuid.system.phases import shard
 
 
 def _key(persona: str, params: dict) -> str:
@@ -40,7 +41,7 @@ class PersonalEval:
         self.oracle: dict[str, list[str]] = {}
         self.replies: dict[str, list[str]] = {}
         self.judge: JudgeFn | None = None
-        self.judge_actor = None                       # the JudgeWorker behind ``judge`` (for its stats)
+        self.judge_actors: list = []                  # the JudgeWorker replicas behind ``judge`` (for their stats)
         self.phase_start: dict[str, list[str]] = {}   # "user/phase" → replies when that phase began
 
     def _greedy(self, calls, tokenizer, prompts: list[Prompt], users: list[str | None]) -> list[str]:
@@ -48,13 +49,12 @@ class PersonalEval:
         return greedy_replies(calls, tokenizer, prompts, self.options, o.sampling.max_tokens, users, o.unknown_user)
 
     def _connect_judge(self, calls) -> None:
-        """The LLM judge actor (``online.judge``), bound to the held-out prompts."""
-        judge = getattr(getattr(calls, "system", None), "judge", None)
-        if judge is None:
+        """The LLM judge replicas (``online.judge``), bound to the held-out prompts."""
+        self.judge_actors = list(getattr(getattr(calls, "system", None), "judges", []))
+        if not self.judge_actors:
             return
-        self.judge_actor = judge
         prompts = [p.messages[-1]["content"] for p in self.prompts]
-        self.judge = lambda desc, xs, ys: calls.wait(judge.judge.remote(desc, prompts, xs, ys))
+        self.judge = lambda desc, xs, ys: judge_split(calls, self.judge_actors, desc, prompts, xs, ys)
 
     def _baseline_prompts(self, calls) -> tuple[list[str], list[Prompt]]:
         """The base model's held-out prompts, then each in-context oracle's (one per distinct persona and
@@ -166,7 +166,7 @@ class PersonalEval:
 
     def finish(self, run_dir: Path) -> dict:
         results = {"prompts": [p.messages[-1]["content"] for p in self.prompts], "rows": self.rows,
-                   "judge": ray.get(self.judge_actor.stats.remote()) if self.judge_actor is not None else None,
+                   "judge": judge_stats(self.judge_actors),
                    "baselines": self.baselines(), "cross": self.cross(), "retention": self.retention(),
                    "samples": {"base": self.base[:3], **{u: r[:3] for u, r in self.replies.items()}}}
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -177,3 +177,17 @@ class PersonalEval:
         return results
 
 
+def judge_split(calls, actors: list, description: str, prompts: list[str], xs: list[str], ys: list[str]) -> list[str]:
+    """"x" / "y" / "tie" per prompt, the prompts split over the judge replicas (all asked at once)."""
+    parts = [idx for idx in shard(list(range(len(prompts))), len(actors)) if idx]
+    refs = [actor.judge.remote(description, [prompts[i] for i in idx], [xs[i] for i in idx], [ys[i] for i in idx])
+            for actor, idx in zip(actors, parts)]
+    return [verdict for ref in refs for verdict in calls.wait(ref)]
+
+
+def judge_stats(actors: list) -> dict | None:
+    """Judgements asked for and those that did not fit the context, summed over the replicas (and each's)."""
+    if not actors:
+        return None
+    each = ray.get([a.stats.remote() for a in actors])
+    return {"judged": sum(s["judged"] for s in each), "too_long": sum(s["too_long"] for s in each), "replicas": each}

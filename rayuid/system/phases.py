@@ -69,9 +69,11 @@ def generate(calls: Calls, tokenizer, prompts: list[Prompt], step: int, sampling
 
 
 def simulate(calls: Calls, samples: list[Sample]) -> list[str]:
-    """The simulated user's next message after each (prompt, reply)."""
-    prompts = [s.prompt.messages[-1]["content"] for s in samples]
-    return calls.user("respond", [(prompts, [s.generation.text for s in samples])])[0]
+    """The simulated user's next message after each (prompt, reply), the batch split over the user replicas."""
+    parts = [part for part in shard(samples, len(calls.system.users)) if part]
+    outs = calls.user("respond", [([s.prompt.messages[-1]["content"] for s in part],
+                                   [s.generation.text for s in part]) for part in parts])
+    return [followup for out in outs for followup in out]
 
 
 def online_pairs(tokenizer, samples: list[Sample], followups: list[str], options: TemplateOptions) -> list[ScoringPair]:

@@ -140,9 +140,9 @@ def plan_bundles(cfg: TrainConfig, needs_user_engine: bool) -> list[tuple[str, d
     plan = [(f"learner{i}", _bundle(r.learner)) for i in range(r.learners)]
     plan += [(name, _bundle(r.engine)) for name in dict.fromkeys(rollout + teacher)]
     if needs_user_engine or _bundle(r.user):
-        plan.append(("user", _bundle(capacity.user_resources(r))))
+        plan += [(f"user{i}", _bundle(capacity.user_resources(r))) for i in range(r.user_workers)]
     if cfg.online is not None and cfg.online.judge is not None:
-        plan.append(("judge", _bundle(r.judge)))
+        plan += [(f"judge{i}", _bundle(r.judge)) for i in range(r.judge_workers)]
     empty = [name for name, b in plan if not b]
     if empty:
         raise ClusterError(f"actors {empty} were given no CPU or GPU; give every role num_cpus > 0 or num_gpus > 0")
@@ -160,8 +160,8 @@ class System:
         engine (``teacher_workers: 0``) is in it once. Ray restarts them (``ray.max_restarts``).
     rollout, teacher: the engine names that generate, and those that score (the rollout names when the teacher
         shares them), in the order the driver shards a batch over them.
-    sync: the ``WeightSyncActor``. user: the user simulator (None in an offline run). judge: the LLM judge (None
-        unless ``online.judge``).
+    sync: the ``WeightSyncActor``. users: the user simulator replicas (``ray.user_workers``; none in an offline
+        run). judges: the LLM judge replicas (``ray.judge_workers``; none unless ``online.judge``).
     pg: the one placement group holding every bundle (the sync actor, and a user simulator given no resources, run
         outside it with ``num_cpus=0``); bundle_of: actor name → (bundle index, bundle) in ``pg``, as planned by
         ``plan_bundles`` (replacement learners start in their predecessors' bundles).
@@ -172,19 +172,18 @@ class System:
     rollout: list[str]
     teacher: list[str]
     sync: object
-    user: object | None
+    users: list
     pg: object
     bundle_of: dict = field(default_factory=dict)
-    judge: object | None = None
+    judges: list = field(default_factory=list)
     precision: dict = field(default_factory=dict)
     """Per role, the dtypes it decided (``auto`` is decided on each actor's node) and the hardware it saw."""
     transfer: str = "object_store"
     """How full weights reach the engines (``rayuid.system.transport.mode``): object_store or collective."""
 
     def shutdown(self) -> None:
-        for handle in [*self.learners, *self.engines.values(), self.sync, self.user, self.judge]:
-            if handle is not None:
-                ray.kill(handle, no_restart=True)
+        for handle in [*self.learners, *self.engines.values(), self.sync, *self.users, *self.judges]:
+            ray.kill(handle, no_restart=True)
         remove_placement_group(self.pg)
 
 
@@ -313,25 +312,25 @@ def _engine_transfer(cfg: TrainConfig, transfer: str) -> str | None:
     return "collective-shared-gpu" if transport.shares_gpu(cfg) else "collective"
 
 
-def _start_user(cfg: TrainConfig, pg, bundle_of: dict):
+def _start_user(cfg: TrainConfig, pg, bundle_of: dict, i: int):
     user = cfg.online.user
     factory = None
     if user.kind == "llm":
         settings = (cfg.ray.user_vllm or cfg.ray.vllm).model_dump(mode="json")
         factory = functools.partial(start_engine, user.model or cfg.model.name, settings, False, cfg.seed,
                                     cfg.ray.user.num_threads())
-    opts = _options(pg, *bundle_of["user"]) if "user" in bundle_of else _on_driver_node()
+    opts = _options(pg, *bundle_of[f"user{i}"]) if f"user{i}" in bundle_of else _on_driver_node()
     opts.update(max_restarts=cfg.ray.max_restarts, max_task_retries=0)
     params = {**user.params, "max_tokens": user.max_tokens, "temperature": user.temperature}
     return ray.remote(UserSimulatorWorker).options(**opts).remote(user.kind, user.persona, params, factory)
 
 
-def _start_judge(cfg: TrainConfig, pg, bundle_of: dict):
+def _start_judge(cfg: TrainConfig, pg, bundle_of: dict, i: int):
     judge = cfg.online.judge
     settings = (cfg.ray.judge_vllm or cfg.ray.vllm).model_dump(mode="json")
     settings["max_model_len"] = judge.max_model_len or settings["max_model_len"]
-    opts = _options(pg, *bundle_of["judge"], max_restarts=cfg.ray.max_restarts, max_task_retries=0,
-                    name=f"{run_tag(cfg)}-judge")
+    opts = _options(pg, *bundle_of[f"judge{i}"], max_restarts=cfg.ray.max_restarts, max_task_retries=0,
+                    name=f"{run_tag(cfg)}-judge{i}")
     return ray.remote(JudgeWorker).options(**opts).remote(judge.model or cfg.model.name, settings, judge.max_tokens,
                                                            cfg.seed, cfg.ray.judge.num_threads())
 
@@ -356,15 +355,15 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
     transfer = transport.mode(cfg)
     log.info("weight transfer: %s", transfer)
     engines, rollout, teacher = _start_engines(cfg, pg, bundle_of, transfer)
-    user = _start_user(cfg, pg, bundle_of) if cfg.online is not None else None
-    judge = _start_judge(cfg, pg, bundle_of) if "judge" in bundle_of else None
-    _wait_ready({**engines, **({"judge": judge} if judge is not None else {})}, cfg.ray.call_timeout_s)
+    users = [_start_user(cfg, pg, bundle_of, i) for i in range(cfg.ray.user_workers)] if cfg.online else []
+    judges = [_start_judge(cfg, pg, bundle_of, i) for i in range(cfg.ray.judge_workers) if f"judge{i}" in bundle_of]
+    _wait_ready({**engines, **{f"judge{i}": j for i, j in enumerate(judges)}}, cfg.ray.call_timeout_s)
     decided = actor_precision(learners, engines, cfg.ray.call_timeout_s)
     bucket = cfg.ray.transfer_bucket_bytes if transfer == "collective" else None
     sync = ray.remote(WeightSyncActor).options(**_on_driver_node()).remote(learners, engines, cfg.ray.sync_timeout_s,
                                                                   serve_dtype=serve_dtype(decided), bucket_bytes=bucket,
                                                                   shared_gpu=transport.shares_gpu(cfg))
-    return System(learners, engines, rollout, teacher, sync, user, pg, bundle_of, judge, decided, transfer)
+    return System(learners, engines, rollout, teacher, sync, users, pg, bundle_of, judges, decided, transfer)
 
 
 def actor_precision(learners: list, engines: dict, timeout_s: float) -> dict:
