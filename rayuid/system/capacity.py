@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from rayuid.system.transport import shares_gpu
+
 GIB = 1 << 30
 
 
@@ -115,7 +117,7 @@ def _shared_gpu_problem(cfg, found: list[Need]) -> str | None:
     GPU, so the learner must fit beside it (5% kept for the two CUDA contexts)."""
     r = cfg.ray
     learner = next((n for n in found if n.role.startswith("learner")), None)
-    if learner is None or not (0 < r.learner.num_gpus < 1 and 0 < r.engine.num_gpus < 1) or not r.engine.gpu_memory_gib:
+    if learner is None or not shares_gpu(cfg) or not r.engine.gpu_memory_gib:
         return None
     util = r.vllm.gpu_memory_utilization or 0.9
     left = (0.95 - util) * r.engine.gpu_memory_gib

@@ -355,7 +355,7 @@ def build_system(cfg: TrainConfig, total_steps: int) -> System:
     transfer = transport.mode(cfg)
     log.info("weight transfer: %s", transfer)
     engines, rollout, teacher = _start_engines(cfg, pg, bundle_of, transfer)
-    users = [_start_user(cfg, pg, bundle_of, i) for i in range(cfg.ray.user_workers)] if cfg.online else []
+    users = [_start_user(cfg, pg, bundle_of, i) for i in range(cfg.ray.user_workers)] if cfg.online is not None else []
     judges = [_start_judge(cfg, pg, bundle_of, i) for i in range(cfg.ray.judge_workers) if f"judge{i}" in bundle_of]
     _wait_ready({**engines, **{f"judge{i}": j for i, j in enumerate(judges)}}, cfg.ray.call_timeout_s)
     decided = actor_precision(learners, engines, cfg.ray.call_timeout_s)
