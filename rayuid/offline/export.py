@@ -10,7 +10,8 @@ What a run holds, by kind (all found through the newest complete checkpoint, or 
 
 The folder written holds the model (or adapter) and the tokenizer, and nothing of rayuid's resume state.
 ``--merge-lora`` folds an adapter into its base model (``model.name`` of the run's ``config.yaml``) and writes a full
-model. ``RUN_DIR`` is a local path or a URI (``s3://…``: downloaded first). Written to a temporary folder beside ``DIR`` and renamed, so a failure never leaves half an export.
+model. ``RUN_DIR`` is a local path or a URI (``s3://…``: downloaded first). Written to a temporary folder beside
+``DIR`` and renamed, so a failure never leaves half an export.
 """
 
 from __future__ import annotations
@@ -39,16 +40,12 @@ def _step_dir(run_dir: str, step: int | None) -> str:
         raise ExportError(f"{run_dir} has no complete checkpoint under checkpoints/ (was checkpoint.every_steps or "
                           "the final save off?)")
     if step is None:
-        return max(found, key=_name)
+        return max(found, key=storage.basename)
     chosen = ckpt.step_dir(run_dir, step)
     if chosen not in found:
         raise ExportError(f"{run_dir} has no complete checkpoint at step {step}; it has steps "
-                          f"{sorted(int(_name(p).split('-')[1]) for p in found)}")
+                          f"{sorted(int(storage.basename(p).split('-')[1]) for p in found)}")
     return chosen
-
-
-def _name(location: str) -> str:
-    return location.rstrip("/").rsplit("/", 1)[-1]
 
 
 def source_folder(run_dir: str | Path, step: int | None = None, user: str | None = None) -> str:
@@ -62,7 +59,7 @@ def source_folder(run_dir: str | Path, step: int | None = None, user: str | None
             raise ExportError(f"{run_dir} is a per-user run: pass --user, one of {sorted(versions)}")
         folder = storage.join(run_dir, "adapters", user, f"v{versions[user]:06d}")
         if versions[user] == 0 or not storage.exists(folder):
-            raise ExportError(f"user {user!r} has no trained adapter at {_name(step_dir)} (version {versions[user]})")
+            raise ExportError(f"user {user!r} has no trained adapter at {storage.basename(step_dir)} (version {versions[user]})")
         return folder
     if user is not None:
         raise ExportError(f"{run_dir} trains one policy, not per-user adapters: drop --user")
@@ -75,13 +72,12 @@ def export(run_dir: str | Path, to: str | Path, step: int | None = None, user: s
     """Write the weights to ``to`` (a local folder; ``run_dir`` may be a URI); returns it. See the module
     docstring for what is found where."""
     run_dir, to = storage.join(run_dir), Path(to)
-    if not storage.is_remote(run_dir) and (Path(run_dir).resolve() == to.resolve() or Path(run_dir).resolve().is_relative_to(to.resolve())):
+    if not storage.is_remote(run_dir) and Path(run_dir).resolve().is_relative_to(to.resolve()):  # is, or is in
         raise ExportError(f"--to {to} is (or holds) the run being exported, and it would be replaced: pick another "
                           "folder")
     location = source_folder(run_dir, step, user)
     base_name = _base_model(run_dir)
-    with storage.scratch("export") as down, atomic_folder(to) as tmp:
-        folder = storage.fetch(location, down / "weights")
+    with storage.local_copy(location, "export") as folder, atomic_folder(to) as tmp:
         if merge_lora and (folder / "adapter_config.json").exists():
             _merge(folder, base_name, tmp)
         else:

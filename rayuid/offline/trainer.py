@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     teacher = TeacherWeights(model, cfg.teacher.weights, cfg.teacher.ema_rate)
     start = _restore(resume_from, optimizer, scheduler, teacher)
-    name = cfg.run_name or records.location.rstrip("/").rsplit("/", 1)[-1]
+    name = cfg.run_name or storage.basename(records.location)
     trackers = Trackers(cfg.report_to, run_dir, name, cfg.model_dump(mode="json"))
     end = total_steps if stop_after is None else min(total_steps, start + stop_after)
     try:

@@ -22,7 +22,6 @@ import torch
 from rayuid.config import USER_ID_PATTERN, TrainConfig
 from rayuid.data.templates import ScoringPair
 from rayuid.records import storage
-from rayuid.records.atomic import atomic_folder
 from rayuid.sdpo.models import load_causal_lm, load_tokenizer, resolve_model
 from rayuid.sdpo.optim import build_optimizer, optimizer_step
 from rayuid.sdpo.scoring import response_logprobs
@@ -176,23 +175,18 @@ class UserAdapters:
     def save(self, store: AdapterStore, user: str) -> str:
         """Write ``user``'s current version atomically (a renamed temp folder, or uploaded with its state last)."""
         final = store.path(user, self.versions[user])
-        remote = storage.is_remote(final)
-        with storage.scratch("adapter") if remote else atomic_folder(Path(final)) as tmp:
+        with storage.atomic_folder(final, marker=STATE_FILE, prefix="adapter") as tmp:
             write_adapter(self.export(user), tmp)
             optimizer, scheduler = self.optimizers[user]
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "teacher": self.teachers[user].state_dict(), "version": self.versions[user]}, tmp / STATE_FILE)
-            if remote:
-                storage.put_folder(tmp, final, last=STATE_FILE)
         return final
 
     def load(self, user: str, folder: str | Path) -> int:
         """Restore ``user``'s adapter, optimizer, schedule and teacher from a ``save`` folder (a local path or a
         URI); returns its version."""
-        if not storage.is_remote(folder):
-            return self._load(user, Path(folder))
-        with storage.scratch("adapter") as tmp:
-            return self._load(user, storage.get_folder(folder, tmp))
+        with storage.local_copy(folder, "adapter") as local:
+            return self._load(user, local)
 
     def _load(self, user: str, folder: Path) -> int:
         from peft import set_peft_model_state_dict

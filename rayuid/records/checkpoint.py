@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from rayuid.records import storage
-from rayuid.records.atomic import atomic_folder
 
 STATE_FILE = "trainer_state.pt"
 DRIVER_STATE = "driver_state.json"  # a Ray run's checkpoint: the driver's state, written last (marks it complete)
@@ -29,7 +28,7 @@ def checkpoints_dir(run_dir: str | Path) -> str:
 
 
 def step_dir(run_dir: str | Path, step: int) -> str:
-    return storage.join(run_dir, "checkpoints", f"step-{step:06d}")
+    return storage.join(checkpoints_dir(run_dir), f"step-{step:06d}")
 
 
 def list_checkpoints(run_dir: str | Path, marker: str = STATE_FILE) -> list[str]:
@@ -65,14 +64,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     """Write ``step-N`` atomically (locally: a renamed temp folder; a URI: uploaded, ``STATE_FILE`` last) and keep
     only the newest ``keep_last`` checkpoints."""
     final = step_dir(run_dir, step)
-    remote = storage.is_remote(final)
-    with storage.scratch("ckpt") if remote else atomic_folder(Path(final)) as tmp:
+    with storage.atomic_folder(final, marker=STATE_FILE, prefix="ckpt") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(dict(state, step=step, rng=rng_state()), tmp / STATE_FILE)
-        if remote:
-            storage.delete(final)
-            storage.put_folder(tmp, final, last=STATE_FILE)
     prune_checkpoints(run_dir, keep_last)
     return final
 

@@ -26,6 +26,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from rayuid.records import atomic
 from rayuid.records.atomic import write_atomic
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -144,6 +145,37 @@ def get_folder(location: str | Path, dst: Path, skip: tuple[str, ...] = ()) -> P
         with fs.open_input_stream(info.path) as f, open(target, "wb") as out:
             shutil.copyfileobj(f, out, 16 << 20)
     return dst
+
+
+def basename(location: str | Path) -> str:
+    """The last part of a path or URI (e.g. a run's default name)."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+@contextlib.contextmanager
+def local_copy(location: str | Path, prefix: str = "work", skip: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local folder holding ``location`` for the ``with`` block: the folder itself when local, else a download
+    into scratch, removed afterwards (``skip``: top-level names not downloaded)."""
+    if not is_remote(location):
+        yield Path(join(location))
+        return
+    with scratch(prefix) as tmp:
+        yield get_folder(location, tmp, skip=skip)
+
+
+@contextlib.contextmanager
+def atomic_folder(location: str | Path, marker: str, prefix: str = "work") -> Iterator[Path]:
+    """A folder that counts only once complete, filled in the ``with`` block. Local: a temp folder renamed into
+    place (``rayuid.records.atomic``). A URI: filled in scratch, then whatever a crashed attempt left at
+    ``location`` is removed and the folder uploaded with ``marker`` last."""
+    if not is_remote(location):
+        with atomic.atomic_folder(Path(join(location))) as tmp:
+            yield tmp
+        return
+    with scratch(prefix) as tmp:
+        yield tmp
+        delete(location)
+        put_folder(tmp, location, last=marker)
 
 
 def fetch(location: str | Path, dst: Path) -> Path:

@@ -19,11 +19,11 @@ import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from rayuid.config import TrainConfig, dump_config
+from rayuid.records import storage
 from rayuid.records.ledger import Ledger
 from rayuid.records.metrics import MetricsLog
 from rayuid.records.plots import plot_metrics
@@ -55,7 +55,7 @@ def run(cfg: TrainConfig) -> dict:
     policy: Policy = PerUserPolicy(cfg, source) if spawn.per_user(cfg) else SharedPolicy(cfg, source)
     calls, trackers = Calls(system, cfg.ray.call_timeout_s, cfg.ray.max_restarts), None
     try:
-        name = cfg.run_name or records.location.rstrip("/").rsplit("/", 1)[-1]
+        name = cfg.run_name or storage.basename(records.location)
         trackers = Trackers(cfg.report_to, local, name, cfg.model_dump(mode="json"))
         calls, metrics, ledger = train_with_recovery(cfg, calls, policy, source, tokenizer, trackers)
         summary = {**finish(cfg, metrics.records(), ledger, source, system.precision),

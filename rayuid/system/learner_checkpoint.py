@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from rayuid.records import checkpoint as ckpt
 from rayuid.records import storage
-from rayuid.records.atomic import commit_folder as ckpt_commit
+from rayuid.records.atomic import commit_folder
 
 
 class FsdpLearner(Protocol):
@@ -101,7 +101,7 @@ def save(learner: FsdpLearner, path: str, extra: dict) -> str:
         if remote:
             _upload(learner, tmp, path)
         elif learner.rank == 0:
-            ckpt_commit(tmp, Path(path))
+            commit_folder(tmp, Path(path))
     dist.barrier()
     return path
 
@@ -161,11 +161,9 @@ def _write_rank0(learner: FsdpLearner, tmp: Path, full: dict, extra: dict, with_
 
 def load(learner: FsdpLearner, path: str) -> dict:
     """Collective: restore model, optimizer, teacher, schedule, RNG and step; returns the driver's ``extra``."""
-    if not storage.is_remote(path):
-        return _load(learner, Path(path))
-    with storage.scratch("load") as tmp:
-        skip = tuple(n for n in storage.listdir(path) if n.startswith("rng-") and n != f"rng-{learner.rank}.pt")
-        return _load(learner, storage.get_folder(path, tmp, skip=skip + ("hf",)))
+    others = tuple(n for n in storage.listdir(path) if n.startswith("rng-") and n != f"rng-{learner.rank}.pt")
+    with storage.local_copy(path, "load", skip=(*others, "hf")) as local:  # a URI: downloaded, less what it needs not
+        return _load(learner, local)
 
 
 def _load(learner: FsdpLearner, path: Path) -> dict:
