@@ -71,7 +71,7 @@ def bench_publish(repeats: int = 3) -> dict:
         engine = VllmEngine(str(Path(tmp) / "ckpt"), cfg.ray.vllm)
         engine.score([[1, 2, 3]], [[4, 5]])
         restart_s = time.perf_counter() - t
-        del engine
+        engine.close()
     parts = {k: best[k] for k in ("export_s", "put_s", "transfer_s", "reload_s")}
     return {"bytes": best["bytes"], "dtype": dtype, "publish_s": best["wall_s"], **parts,
             "collective_publish_s": collective["wall_s"], "collective_export_s": collective["export_s"],
@@ -126,7 +126,7 @@ def bench_scoring(batch: int = 8) -> dict:
     t = time.perf_counter()
     engine.score(prompts, responses)
     vllm_s = time.perf_counter() - t
-    del engine
+    engine.close()
     model = load_causal_lm(path)
     batch_in = collate(prompts, responses, 0)
     with torch.no_grad():

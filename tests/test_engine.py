@@ -19,7 +19,9 @@ PROMPTS = [[1, 40, 41, 42], [1, 60, 61]]
 def engine(tiny_model_dir):
     from rayuid.system.engine import VllmEngine
 
-    return VllmEngine(tiny_model_dir, SETTINGS, enable_lora=True, seed=0)
+    engine = VllmEngine(tiny_model_dir, SETTINGS, enable_lora=True, seed=0)
+    yield engine
+    engine.close()
 
 
 def _hf_scores(model, prompts, responses):

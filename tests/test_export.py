@@ -120,7 +120,11 @@ def test_vllm_serves_an_export(tmp_path, tiny_model_dir):
     prompts, responses = [[1, 40, 41, 42]], [[50, 51, 52]]
     with torch.no_grad():
         ref = response_logprobs(load_causal_lm(str(out)), collate(prompts, responses, pad_id=0))[0].tolist()
-    assert max(abs(a - b) for a, b in zip(engine.score(prompts, responses)[0], ref)) < 1e-4
+    try:
+        assert max(abs(a - b) for a, b in zip(engine.score(prompts, responses)[0], ref)) < 1e-4
+    finally:
+        engine.close()
+    assert not torch.distributed.is_initialized()  # vLLM's group is left: a learner group can start here next
 
 
 def test_export_never_replaces_the_run_it_reads(tmp_path, tiny_model_dir):

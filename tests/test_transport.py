@@ -91,6 +91,7 @@ def gloo_engine(tmp_path_factory, tiny_llama_dir):
     yield engine, sender, client, str(folder)
     sender.shutdown()
     engine.transfer_close()
+    engine.close()
 
 
 @pytest.mark.slow

@@ -266,3 +266,14 @@ class VllmEngine:
         leaves it open, and vLLM then refuses every later start and shutdown): end it, keeping what it served."""
         if any(self.llm.collective_rpc("rayuid_end_open_update")):
             log.warning("engine: ended a weight update that a failed publish left open")
+
+    def close(self) -> None:
+        """Shut the engine down and leave the torch.distributed group vLLM joined in this process (world size 1
+        with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the process can join a learner group or build a new engine.
+        In-process engines share that group: closing one ends every other one built in the same process."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        cleanup_dist_env_and_memory()
+        self._adapter_dir.cleanup()
