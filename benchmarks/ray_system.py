@@ -7,9 +7,10 @@
               (ray.weight_transfer=collective: gloo here, NCCL on GPUs), next to one memcpy of the same bytes (into
               fresh and into touched memory) and next to restarting a vLLM engine from a saved checkpoint.
 2. scoring  — teacher tokens/s: one vLLM prefill (prompt_logprobs) vs a transformers no-grad forward, same batch.
-3. e2e      — (and e2e_stale1: with online.max_staleness=1) online SDPO interactions/s (rule-based 'concise'
-              user): the Ray system vs a single-process loop doing what the official code does (HF generate,
-              no-grad teacher forward, student forward/backward).
+3. e2e      — online SDPO interactions/s (rule-based 'concise' user): the Ray system vs a single-process loop
+              doing what the official code does (HF generate, no-grad teacher forward, student forward/backward).
+              e2e_stale1: with online.max_staleness=1. e2e_vllm_teacher: the live policy as teacher on both sides,
+              scored by the vLLM engine (prompt_logprobs) in the Ray system, by a no-grad forward in the loop.
 """
 
 from __future__ import annotations
@@ -138,18 +139,21 @@ def bench_scoring(batch: int = 8) -> dict:
             "speedup": hf_s / vllm_s}
 
 
-def bench_e2e(steps: int, staleness: int = 0) -> dict:
+def bench_e2e(steps: int, staleness: int = 0, vllm_teacher: bool = False) -> dict:
     from rayuid.system.driver import run
 
+    teacher = ["teacher.weights=live"] if vllm_teacher else []  # vLLM serves the live policy, not an EMA of it
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _cfg(tmp, steps + 1, f"online.max_staleness={staleness}")
+        cfg = _cfg(tmp, steps + 1, f"online.max_staleness={staleness}", *teacher,
+                   *(["ray.teacher_in=vllm"] if vllm_teacher else []))
         summary = run(cfg)
         records = [json.loads(ln) for ln in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][1:]
     ray_rate = sum(r["interactions"] for r in records) / sum(r["seconds"] for r in records)
     from baseline_loop import run_baseline
 
-    base = run_baseline(_cfg("/tmp/unused", steps + 1), steps)
-    return {"steps_timed": steps, "max_staleness": staleness, "precision": summary["precision"],
+    base = run_baseline(_cfg("/tmp/unused", steps + 1, *teacher), steps)
+    return {"steps_timed": steps, "max_staleness": staleness, "teacher": cfg.teacher.weights,
+            "teacher_in": cfg.ray.teacher_in, "precision": summary["precision"],
             "baseline_compute_dtype": base["compute_dtype"], "ray_interactions_per_s": ray_rate, "baseline_interactions_per_s": base["rate"],
             "speedup": ray_rate / base["rate"], "ray_phase_s": {k: sum(r[k] for r in records) for k in
                                                              ("generate_s", "simulate_s", "score_s", "learn_s",
@@ -159,7 +163,7 @@ def bench_e2e(steps: int, staleness: int = 0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--only", default="publish,scoring,e2e,e2e_stale1")
+    parser.add_argument("--only", default="publish,scoring,e2e,e2e_stale1,e2e_vllm_teacher")
     parser.add_argument("--out", default="runs/bench/ray_system.json")
     args = parser.parse_args()
     import sys
@@ -172,7 +176,8 @@ def main() -> None:
     for name in args.only.split(","):
         results[name] = {"publish": bench_publish, "scoring": bench_scoring,
                          "e2e": lambda: bench_e2e(args.steps),
-                         "e2e_stale1": lambda: bench_e2e(args.steps, staleness=1)}[name]()
+                         "e2e_stale1": lambda: bench_e2e(args.steps, staleness=1),
+                         "e2e_vllm_teacher": lambda: bench_e2e(args.steps, vllm_teacher=True)}[name]()
         print(name, json.dumps(results[name], indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

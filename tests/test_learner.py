@@ -9,6 +9,7 @@ import torch
 from rayuid.config import TrainConfig
 from rayuid.data.extract import Interaction
 from rayuid.data.templates import build_pair
+from rayuid.system import transport
 
 FOLLOWUPS = ["Too long, one sentence please.", "Thanks, perfect!", "Please be more formal.", "No emojis please."]
 RAY_TIMEOUT_S = 120
@@ -105,6 +106,44 @@ def test_bad_teacher_rows_are_rejected_before_any_collective(process_group, tiny
     with pytest.raises(ValueError, match="one row per pair"):
         learner.train_step(pairs, [[0.0]], global_batch_size=2)
     assert learner.step == 0
+
+
+class _TensorSender:
+    """Stands in for vLLM's NCCL trainer engine: records the (name, tensor) pairs its source yields."""
+
+    class init_info_cls:
+        backend = "rayuid_nccl"
+
+    def send_weights(self):
+        self.sent = list(self.source)
+
+
+def test_one_gpu_style_rank_sends_its_own_tensors_and_keeps_the_host_copy_engines_reload(
+        process_group, tiny_model_dir):
+    """With vLLM's NCCL/IPC sender a single rank broadcasts the model's tensors, not views of the host pack buffer
+    (no host round trip before the GPU), and the checksum it reports is the one a restarted engine, loading the
+    host copy through the object store, must reproduce: the same names, values and dtype as sent."""
+    from types import SimpleNamespace
+
+    from rayuid.sdpo.weights import unflatten
+    from rayuid.system.learner import FsdpLearner
+
+    learner = FsdpLearner(TrainConfig.model_validate(_config(tiny_model_dir)), rank=0, world_size=1, total_steps=2)
+    learner.sender, learner.engine_group = _TensorSender(), SimpleNamespace(version=0)
+    out = learner.send_weights(3, "bfloat16")
+    blob = learner.last_sent
+    host = list(unflatten(blob, distinct=True).items())
+    sent = learner.sender.sent
+    assert blob.version == learner.engine_group.version == 3 and out["bytes"] == blob.num_bytes
+    assert [n for n, _ in sent] == [n for n, _ in host] and all(t.dtype == torch.bfloat16 for _, t in sent)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(sent, host))
+    assert out["checksum"] == transport.fingerprint(host)
+    lo = blob.data.ctypes.data
+    assert not any(lo <= t.data_ptr() < lo + blob.num_bytes for _, t in sent)  # not staged in the host buffer
+    fp32 = learner.send_weights(4, "float32")
+    params = {n: p.data_ptr() for n, p in learner.model.named_parameters()}
+    assert all(t.data_ptr() == params[n] for n, t in learner.sender.sent if n in params)  # no cast: no copy at all
+    assert fp32["checksum"] == transport.fingerprint(list(unflatten(learner.last_sent, distinct=True).items()))
 
 
 def test_rendezvous_timeout_says_what_to_check():

@@ -44,6 +44,23 @@ def test_fingerprint_sees_every_byte_name_and_order():
     assert base != transport.fingerprint([("a", a), ("b", torch.zeros(7, dtype=torch.bfloat16))])
 
 
+def test_distinct_tensors_match_the_packed_views_tied_and_empty_tensors_included():
+    """The pairs a GPU sender broadcasts from the learner's memory equal what the host buffer holds (the copy a
+    restarted engine loads): names in order, a tied tensor once, dtypes cast, values and Digest equal."""
+    from rayuid.sdpo.weights import distinct_tensors, pack_state_dict, unflatten
+
+    emb = torch.randn(6, 4)
+    state = {"embed.weight": emb, "empty": torch.zeros(0), "norm.weight": torch.ones(4), "lm_head.weight": emb,
+             "steps": torch.tensor([3], dtype=torch.int64)}
+    for dtype in (None, torch.bfloat16):
+        sent = distinct_tensors(state, dtype)
+        host = list(unflatten(pack_state_dict(state, 1, dtype=dtype), distinct=True).items())
+        assert [n for n, _ in sent] == [n for n, _ in host] == ["embed.weight", "empty", "norm.weight", "steps"]
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for (_, a), (_, b) in zip(sent, host))
+        assert transport.fingerprint(sent) == transport.fingerprint(host)
+    assert distinct_tensors(state)[0][1].data_ptr() == emb.data_ptr()  # nothing to cast: the tensor itself
+
+
 class LocalClient:
     """vLLM's VLLMWeightSyncClient over one in-process engine (the Ray one is rayuid.system.transport.EngineGroup)."""
 

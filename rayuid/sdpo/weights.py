@@ -73,6 +73,25 @@ def plan_layout(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None
     return tuple(specs)
 
 
+def publish_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype floating weights are published in (what the engines compute in); None keeps each tensor's."""
+    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else None
+
+
+def distinct_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
+    """What ``unflatten(pack_state_dict(state, dtype=dtype), distinct=True)`` holds, without the host buffer: the
+    tensors where they are (floating ones cast to ``dtype``; no copy when already in it), a tied tensor under its
+    first name only. What a GPU learner hands vLLM's NCCL/IPC sender straight from its own memory."""
+    out, seen = [], set()
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # the slot rule of plan_layout
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out.append((name, t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()))
+    return out
+
+
 def _flat(data: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():  # a read-only object-store buffer: the views are only ever read
         warnings.simplefilter("ignore", UserWarning)
@@ -109,7 +128,8 @@ class FlatPacker:
         for spec, tensor in zip(index, state.values()):
             if spec.offset not in written or not spec.nbytes:
                 _view(flat, spec).copy_(tensor.detach())
-                written.add(spec.offset)
+                if spec.nbytes:  # an empty tensor takes no slot: the next tensor starts at its offset
+                    written.add(spec.offset)
         return WeightsBlob(version, kind, self._buffer, index, checksum(self._buffer), dict(lora_config or {}))
 
 
@@ -132,7 +152,8 @@ def unflatten(blob: WeightsBlob, distinct: bool = False) -> dict[str, torch.Tens
     for spec in blob.index:
         if distinct and spec.nbytes and spec.offset in seen:
             continue
-        seen.add(spec.offset)
+        if spec.nbytes:  # an empty tensor takes no slot: the next tensor starts at its offset
+            seen.add(spec.offset)
         out[spec.name] = _view(flat, spec)
     return out
 

@@ -35,7 +35,7 @@ from rayuid.sdpo.optim import build_optimizer, optimizer_step
 from rayuid.sdpo.scoring import response_logprobs as score_response_logprobs
 from rayuid.sdpo.step import autocast, score_teacher, sdpo_objective, student_batch
 from rayuid.sdpo.teacher_weights import TeacherWeights
-from rayuid.sdpo.weights import FlatPacker, WeightsBlob, jsonable, pack_state_dict
+from rayuid.sdpo.weights import FlatPacker, WeightsBlob, distinct_tensors, jsonable, pack_state_dict, publish_dtype
 from rayuid.system import learner_checkpoint, transport
 
 PHASE_KEYS = ("teacher_s", "student_s", "optim_s", "seconds")
@@ -305,14 +305,14 @@ class FsdpLearner:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(self.model, options=opts)
 
-    def export_weights(self, version: int, serve_dtype: str | None = None) -> WeightsBlob | None:
+    def export_weights(self, version: int, cast: str | None = None) -> WeightsBlob | None:
         """The current policy as one blob on rank 0 (None elsewhere): the LoRA adapter, or full HF weights cast to
-        ``serve_dtype`` (what the engines compute in) while they are packed. The blob shares this learner's pack
+        ``cast`` (the serve dtype: what the engines compute in) while they are packed. The blob shares this learner's pack
         buffer: put it in the object store before the next export. Tied weights (the LM head of SmolLM2) go under
         both names: vLLM's layerwise reload puts back the old head when it gets the embedding alone (measured:
         served log-probs 0.5 nats off; tests/test_engine.py)."""
         if self.world_size == 1 and not self.is_lora:  # the one shard is the full tensor: no gather, no copy
-            state = {k: _local(v) for k, v in self.model.state_dict().items()}
+            state = self._own_state()
         else:
             state = self.full_state_dict(trainable_only=self.is_lora)
         if self.rank != 0:
@@ -322,8 +322,10 @@ class FsdpLearner:
 
             adapter = get_peft_model_state_dict(self.model, state_dict=state)
             return pack_state_dict(adapter, version, "lora", self.lora_config())
-        cast = getattr(torch, serve_dtype) if serve_dtype in ("float32", "bfloat16", "float16") else None
-        return self.packer.pack(state, version, "full", dtype=cast)  # tied names share one slot of the buffer
+        return self.packer.pack(state, version, "full", dtype=publish_dtype(cast))  # tied names share one slot
+
+    def _own_state(self) -> dict[str, torch.Tensor]:
+        return {k: _local(v) for k, v in self.model.state_dict().items()}
 
     # ------------------------------------------------------- collective publishes (ray.weight_transfer)
     def open_transport(self, engines: dict, address: str, port: int, bucket_bytes: int, timeout_s: float,
@@ -338,17 +340,22 @@ class FsdpLearner:
         self.sender = open_sender(self.engine_group, address, port, len(engines) + 1, bucket_bytes, timeout_s,
                                   self.device.type, shared_gpu)
 
-    def send_weights(self, version: int, serve_dtype: str | None = None) -> dict:
+    def send_weights(self, version: int, cast: str | None = None) -> dict:
         """Every rank joins the gather first; then rank 0 alone broadcasts (interleaving the two hangs FSDP2).
-        Returns on rank 0 what every engine must report back; ``{}`` elsewhere."""
+        Returns on rank 0 what every engine must report back; ``{}`` elsewhere. One rank with vLLM's NCCL/IPC
+        sender broadcasts the model's own tensors (cast on its GPU), then packs the host copy that a restarted
+        engine loads; otherwise the packed host buffer is what is sent."""
+        direct = self.world_size == 1 and transport.sends_tensors(self.sender)
+        sent = transport.send_tensors(self.sender, distinct_tensors(self._own_state(), publish_dtype(cast)), version,
+                                      self.engine_group) if direct else None
         t0 = time.perf_counter()
-        blob = self.export_weights(version, serve_dtype)
+        blob = self.export_weights(version, cast)
         if blob is None:
             return {}
         export_s = time.perf_counter() - t0
         self.last_sent = blob  # the pack buffer holds these bytes until the next export: a restarted engine's copy
-        sent = transport.send(self.sender, blob, self.engine_group)
-        return {"checksum": sent.checksum, "bytes": sent.bytes, "export_s": export_s, "put_s": 0.0,
+        sent = sent or transport.send(self.sender, blob, self.engine_group)
+        return {"checksum": sent.checksum, "bytes": blob.num_bytes, "export_s": export_s, "put_s": 0.0,
                 "send_s": sent.send_s}
 
     def close_transport(self) -> None:

@@ -152,18 +152,33 @@ class Sent:
     send_s: float
 
 
+def sends_tensors(sender) -> bool:
+    """``sender`` is vLLM's NCCL or IPC trainer engine, which broadcasts (name, tensor) pairs on the GPU (the gloo
+    one sends the flat host buffer)."""
+    return sender is not None and sender.init_info_cls.backend != GLOO
+
+
 def send(sender, blob: WeightsBlob, client: EngineGroup) -> Sent:
-    """One publish over an open transport: ``sender`` is the trainer-side engine from ``trainer_init``."""
+    """One publish over an open transport: ``sender`` is the trainer-side engine from ``trainer_init``. The NCCL
+    and IPC senders get ``blob``'s views, copied to the GPU (``send_tensors`` skips that host round trip)."""
+    if sends_tensors(sender):
+        return send_tensors(sender, list(unflatten(blob, distinct=True).items()), blob.version, client, "cuda")
     t0 = time.perf_counter()
     client.version = blob.version
-    if sender.init_info_cls.backend == GLOO:
-        sender.source, expected = blob, blob.checksum
-    else:  # vLLM's NCCL / IPC senders read a WeightSource of (name, tensor) on the GPU
-        pairs = list(unflatten(blob, distinct=True).items())  # tied weights once, as on the gloo path
-        sender.source = Source(pairs, "cuda")
-        expected = fingerprint(pairs)  # integer sums: the same on the host as on the engine's GPU
+    sender.source = blob
     sender.send_weights()
-    return Sent(expected, blob.num_bytes, time.perf_counter() - t0)
+    return Sent(blob.checksum, blob.num_bytes, time.perf_counter() - t0)
+
+
+def send_tensors(sender, pairs: list, version: int, client: EngineGroup, device: str | None = None) -> Sent:
+    """One publish of (name, tensor) pairs (tied weights once) through vLLM's NCCL / IPC sender; the checksum is
+    their ``Digest``, computed where they are: integer sums, the same on the host as on the engine's GPU."""
+    t0 = time.perf_counter()
+    client.version = version
+    sender.source = Source(pairs, device or (pairs[0][1].device.type if pairs else "cuda"))
+    expected = fingerprint(pairs)
+    sender.send_weights()
+    return Sent(expected, sum(t.numel() * t.element_size() for _, t in pairs), time.perf_counter() - t0)
 
 
 class Source:
