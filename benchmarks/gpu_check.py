@@ -11,6 +11,9 @@
 (b) transport: the packed-bucket broadcast the learner-side sender does (one flat buffer in buckets): ≥ 2 GPUs —
     NCCL broadcast from rank 0 to rank 1; one GPU — a second process reading the buffer through CUDA IPC (the
     ``ipc`` case: learner and engine on one GPU); both next to one device memcpy of the same bytes.
+(c) publish source: what a one-rank GPU learner hands vLLM's NCCL/IPC sender per version — the fp32 model cast to
+    bf16 on the device and its Digest (``weights.distinct_tensors`` + ``transport.fingerprint``) — next to the host
+    round trip it replaced (pack into the host buffer, views back to the device, Digest); the digests must agree.
 ``--tiny --device cpu`` runs the same code on gloo with a 2-layer model (the CPU test of this script).
 """
 
@@ -199,6 +202,39 @@ def memcpy_seconds(args) -> float:
     return min(times[1:])
 
 
+def publish_source(args) -> dict:
+    """(c): seconds per version of the device path and of the host round trip, best of ``args.steps``."""
+    try:
+        from rayuid.sdpo.weights import FlatPacker, distinct_tensors, unflatten
+        from rayuid.system.transport import fingerprint
+    except ImportError as err:  # the lent machine has torch only: xxhash and numpy travel as carried wheels
+        return {"skipped": f"needs {err.name}: pip install {err.name} (or carry its wheel)"}
+    device = torch.device(args.device)
+    state = Decoder(TINY if args.tiny else QWEN3_0_6B).to(device).state_dict()
+    packer = FlatPacker()
+
+    def direct() -> str:
+        return fingerprint(distinct_tensors(state, torch.bfloat16))
+
+    def host_round_trip() -> str:
+        blob = packer.pack(state, 1, dtype=torch.bfloat16)
+        return fingerprint([(n, t.to(device)) for n, t in unflatten(blob, distinct=True).items()])
+
+    out: dict = {"bytes": sum(t.numel() * 2 for t in state.values())}
+    digests = []
+    for name, fn in (("direct", direct), ("host_round_trip", host_round_trip)):
+        times = []
+        for _ in range(args.steps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            digest = fn()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_s"] = min(times[1:])
+        digests.append(digest)
+    return {**out, "same_digest": digests[0] == digests[1], "host_over_direct": out["host_round_trip_s"] / out["direct_s"]}
+
+
 def _spawn(fn, world: int, args) -> dict:
     port = _free_port()
     with mp.Manager() as manager:
@@ -236,6 +272,7 @@ def main() -> None:
     report["transport"] = {**transfer, "bytes": nbytes, "gb_per_s": nbytes / transfer["seconds"] / 1e9,
                            "memcpy_s": memcpy, "memcpy_gb_per_s": nbytes / memcpy / 1e9,
                            "over_memcpy": transfer["seconds"] / memcpy}
+    report["publish_source"] = publish_source(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
