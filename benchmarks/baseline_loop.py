@@ -52,7 +52,7 @@ def run_baseline(cfg: TrainConfig, steps: int) -> dict:
     t = cfg.template
     options = TemplateOptions(t.hindsight, t.max_prompt_tokens, t.max_response_tokens, t.append_eos)
     phases = {"generate_s": 0.0, "simulate_s": 0.0, "learn_s": 0.0}
-    timed = 0
+    timed = reply_tokens = 0
     for step in range(steps + 1):
         batch = [prompts[i] for i in prompts_for_step(len(prompts), cfg.online.prompts_per_step, step, cfg.seed)]
         t0 = time.perf_counter()
@@ -64,11 +64,14 @@ def run_baseline(cfg: TrainConfig, steps: int) -> dict:
         pairs = [build_pair(tokenizer, Interaction(id=f"{step}-{k}", conversation_id=p.id, turn=1,
                                                    context=p.messages, response=x, followup=o), options, r)
                  for k, (p, r, x, o) in enumerate(zip(batch, replies, texts, followups))]
-        train_batch(model, pairs, teacher, cfg, tokenizer.pad_token_id)
+        stats = train_batch(model, pairs, teacher, cfg, tokenizer.pad_token_id)
         optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+        teacher.after_step()
         t3 = time.perf_counter()
         if step > 0:  # step 0 is warm-up
             timed += len(pairs)
+            reply_tokens += int(stats["tokens"])
             for key, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
                 phases[key] += value
-    return {"rate": timed / sum(phases.values()), "phases": phases, "compute_dtype": cfg.model.compute_dtype}
+    return {"rate": timed / sum(phases.values()), "phases": phases, "compute_dtype": cfg.model.compute_dtype,
+            "reply_tokens_per_interaction": reply_tokens / timed}

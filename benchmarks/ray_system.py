@@ -6,9 +6,12 @@
               split into export, put, transfer and vLLM's reload) and through vLLM's weight-transfer API
               (ray.weight_transfer=collective: gloo here, NCCL on GPUs), next to one memcpy of the same bytes (into
               fresh and into touched memory) and next to restarting a vLLM engine from a saved checkpoint.
-2. scoring  — teacher tokens/s: one vLLM prefill (prompt_logprobs) vs a transformers no-grad forward, same batch.
+2. scoring  — teacher tokens/s: one vLLM prefill (prompt_logprobs) vs a transformers no-grad forward (in the
+              learner's compute dtype), same batch.
 3. e2e      — online SDPO interactions/s (rule-based 'concise' user): the Ray system vs a single-process loop
               doing what the official code does (HF generate, no-grad teacher forward, student forward/backward).
+              The two sample their own replies, so reply lengths differ: both report reply tokens per interaction,
+              and reply_token_speedup is the ratio of reply tokens/s.
               e2e_stale1: with online.max_staleness=1. e2e_vllm_teacher: the live policy as teacher on both sides,
               scored by the vLLM engine (prompt_logprobs) in the Ray system, by a no-grad forward in the loop.
 """
@@ -111,9 +114,12 @@ def _memcpy(num_bytes: int, repeats: int) -> tuple[float, float]:
 
 
 def bench_scoring(batch: int = 8) -> dict:
+    """Teacher tokens/s of one vLLM prompt_logprobs prefill vs the learner's no-grad forward (same precision rule)."""
+    from rayuid import precision
     from rayuid.data.pairs import load_pairs
     from rayuid.sdpo.models import load_causal_lm, load_tokenizer, resolve_model
     from rayuid.sdpo.scoring import collate, response_logprobs
+    from rayuid.sdpo.step import autocast
     from rayuid.system.engine import VllmEngine
 
     cfg = _cfg("/tmp/unused", 1, "online=", "data.paths=[rayuid:sample]")
@@ -127,15 +133,18 @@ def bench_scoring(batch: int = 8) -> dict:
     t = time.perf_counter()
     engine.score(prompts, responses)
     vllm_s = time.perf_counter() - t
+    engine_dtype = engine.dtype
     engine.close()
     model = load_causal_lm(path)
     batch_in = collate(prompts, responses, 0)
-    with torch.no_grad():
+    compute = precision.decide_model(cfg).model.compute_dtype  # what the learner computes its teacher forward in
+    with torch.no_grad(), autocast(model, compute):
         response_logprobs(model, batch_in)
         t = time.perf_counter()
         response_logprobs(model, batch_in)
         hf_s = time.perf_counter() - t
-    return {"batch": batch, "tokens": tokens, "vllm_tokens_per_s": tokens / vllm_s, "hf_tokens_per_s": tokens / hf_s,
+    return {"batch": batch, "tokens": tokens, "response_tokens": sum(map(len, responses)), "hf_compute_dtype": compute,
+            "vllm_dtype": engine_dtype, "vllm_tokens_per_s": tokens / vllm_s, "hf_tokens_per_s": tokens / hf_s,
             "speedup": hf_s / vllm_s}
 
 
@@ -149,13 +158,16 @@ def bench_e2e(steps: int, staleness: int = 0, vllm_teacher: bool = False) -> dic
         summary = run(cfg)
         records = [json.loads(ln) for ln in (Path(tmp) / "metrics.jsonl").read_text().splitlines()][1:]
     ray_rate = sum(r["interactions"] for r in records) / sum(r["seconds"] for r in records)
+    ray_tokens = sum(r["tokens"] for r in records) / sum(r["interactions"] for r in records)
     from baseline_loop import run_baseline
 
     base = run_baseline(_cfg("/tmp/unused", steps + 1, *teacher), steps)
     return {"steps_timed": steps, "max_staleness": staleness, "teacher": cfg.teacher.weights,
             "teacher_in": cfg.ray.teacher_in, "precision": summary["precision"],
             "baseline_compute_dtype": base["compute_dtype"], "ray_interactions_per_s": ray_rate, "baseline_interactions_per_s": base["rate"],
-            "speedup": ray_rate / base["rate"], "ray_phase_s": {k: sum(r[k] for r in records) for k in
+            "speedup": ray_rate / base["rate"], "ray_reply_tokens_per_interaction": ray_tokens,
+            "reply_token_speedup": ray_rate * ray_tokens / (base["rate"] * base["reply_tokens_per_interaction"]),
+            "baseline_reply_tokens_per_interaction": base["reply_tokens_per_interaction"], "ray_phase_s": {k: sum(r[k] for r in records) for k in
                                                              ("generate_s", "simulate_s", "score_s", "learn_s",
                                                               "sync_s")}, "baseline_phase_s": base["phases"]}
 
