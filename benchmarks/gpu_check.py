@@ -11,9 +11,9 @@
 (b) transport: the packed-bucket broadcast the learner-side sender does (one flat buffer in buckets): ≥ 2 GPUs —
     NCCL broadcast from rank 0 to rank 1; one GPU — a second process reading the buffer through CUDA IPC (the
     ``ipc`` case: learner and engine on one GPU); both next to one device memcpy of the same bytes.
-(c) publish source: what a one-rank GPU learner hands vLLM's NCCL/IPC sender per version — the fp32 model cast to
-    bf16 on the device and its Digest (``weights.distinct_tensors`` + ``transport.fingerprint``) — next to the host
-    round trip it replaced (pack into the host buffer, views back to the device, Digest); the digests must agree.
+(c) publish source: what a one-rank GPU learner does per version before vLLM's NCCL/IPC sender broadcasts — pack
+    the host copy for restarts, then the fp32 model's own tensors cast to bf16 on the device with their Digest —
+    next to the host round trip it replaced (pack, views back to the device, Digest); the digests must agree.
 ``--tiny --device cpu`` runs the same code on gloo with a 2-layer model (the CPU test of this script).
 """
 
@@ -203,18 +203,24 @@ def memcpy_seconds(args) -> float:
 
 
 def publish_source(args) -> dict:
-    """(c): seconds per version of the device path and of the host round trip, best of ``args.steps``."""
+    """(c): seconds per version of what the learner does now (pack the host copy, then feed the sender the model's
+    tensors, cast on the device one at a time, Digest as they go) and of what it did before (pack, then the
+    packed views back to the device, Digest); best of ``args.steps``. The sender's own broadcast is (b)."""
     try:
         from rayuid.sdpo.weights import FlatPacker, distinct_tensors, unflatten
-        from rayuid.system.transport import fingerprint
+        from rayuid.system.transport import Digest, fingerprint
     except ImportError as err:  # the lent machine has torch only: xxhash and numpy travel as carried wheels
         return {"skipped": f"needs {err.name}: pip install {err.name} (or carry its wheel)"}
     device = torch.device(args.device)
     state = Decoder(TINY if args.tiny else QWEN3_0_6B).to(device).state_dict()
     packer = FlatPacker()
 
-    def direct() -> str:
-        return fingerprint(distinct_tensors(state, torch.bfloat16))
+    def device_path() -> str:
+        packer.pack(state, 1, dtype=torch.bfloat16)
+        digest = Digest()  # what transport.Source does while vLLM's sender reads it
+        for name, tensor in distinct_tensors(state):
+            digest.update(name, tensor.to(torch.bfloat16))
+        return digest.hexdigest()
 
     def host_round_trip() -> str:
         blob = packer.pack(state, 1, dtype=torch.bfloat16)
@@ -222,7 +228,7 @@ def publish_source(args) -> dict:
 
     out: dict = {"bytes": sum(t.numel() * 2 for t in state.values())}
     digests = []
-    for name, fn in (("direct", direct), ("host_round_trip", host_round_trip)):
+    for name, fn in (("device_path", device_path), ("host_round_trip", host_round_trip)):
         times = []
         for _ in range(args.steps + 1):
             sync(device)
@@ -232,7 +238,8 @@ def publish_source(args) -> dict:
             times.append(time.perf_counter() - t0)
         out[f"{name}_s"] = min(times[1:])
         digests.append(digest)
-    return {**out, "same_digest": digests[0] == digests[1], "host_over_direct": out["host_round_trip_s"] / out["direct_s"]}
+    return {**out, "same_digest": digests[0] == digests[1],
+            "host_over_device": out["host_round_trip_s"] / out["device_path_s"]}
 
 
 def _spawn(fn, world: int, args) -> dict:

@@ -114,15 +114,20 @@ class _TensorSender:
     class init_info_cls:
         backend = "rayuid_nccl"
 
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
     def send_weights(self):
         self.sent = list(self.source)
+        if self.fail:
+            raise RuntimeError("NCCL broke part-way")
 
 
 def test_one_gpu_style_rank_sends_its_own_tensors_and_keeps_the_host_copy_engines_reload(
         process_group, tiny_model_dir):
-    """With vLLM's NCCL/IPC sender a single rank broadcasts the model's tensors, not views of the host pack buffer
-    (no host round trip before the GPU), and the checksum it reports is the one a restarted engine, loading the
-    host copy through the object store, must reproduce: the same names, values and dtype as sent."""
+    """With vLLM's NCCL/IPC sender a single rank sends the model's tensors, not views of the host pack buffer (no
+    host round trip before the GPU), with the same names, values and dtype as the host copy that a restarted engine
+    loads through the object store; the checksum it reports is their Digest (what a GPU engine computes)."""
     from types import SimpleNamespace
 
     from rayuid.sdpo.weights import unflatten
@@ -134,7 +139,7 @@ def test_one_gpu_style_rank_sends_its_own_tensors_and_keeps_the_host_copy_engine
     blob = learner.last_sent
     host = list(unflatten(blob, distinct=True).items())
     sent = learner.sender.sent
-    assert blob.version == learner.engine_group.version == 3 and out["bytes"] == blob.num_bytes
+    assert blob.version == learner.engine_group.version == 3
     assert [n for n, _ in sent] == [n for n, _ in host] and all(t.dtype == torch.bfloat16 for _, t in sent)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(sent, host))
     assert out["checksum"] == transport.fingerprint(host)
@@ -142,8 +147,25 @@ def test_one_gpu_style_rank_sends_its_own_tensors_and_keeps_the_host_copy_engine
     assert not any(lo <= t.data_ptr() < lo + blob.num_bytes for _, t in sent)  # not staged in the host buffer
     fp32 = learner.send_weights(4, "float32")
     params = {n: p.data_ptr() for n, p in learner.model.named_parameters()}
-    assert all(t.data_ptr() == params[n] for n, t in learner.sender.sent if n in params)  # no cast: no copy at all
+    same = [t.data_ptr() == params[n] for n, t in learner.sender.sent if n in params]
+    assert same and all(same)                                                   # no cast: the parameters themselves
     assert fp32["checksum"] == transport.fingerprint(list(unflatten(learner.last_sent, distinct=True).items()))
+
+
+def test_a_send_that_fails_leaves_this_version_packed_for_the_store_fallback(process_group, tiny_model_dir):
+    """The weight-sync actor's fallback loads ``last_sent`` when its version is the one that failed: it must be
+    packed before the send starts, with a checksum that matches its bytes."""
+    from types import SimpleNamespace
+
+    from rayuid.sdpo.weights import verify
+    from rayuid.system.learner import FsdpLearner
+
+    learner = FsdpLearner(TrainConfig.model_validate(_config(tiny_model_dir)), rank=0, world_size=1, total_steps=2)
+    learner.sender, learner.engine_group = _TensorSender(fail=True), SimpleNamespace(version=0)
+    with pytest.raises(RuntimeError, match="part-way"):
+        learner.send_weights(5, "bfloat16")
+    assert learner.last_sent.version == 5
+    verify(learner.last_sent)
 
 
 def test_rendezvous_timeout_says_what_to_check():

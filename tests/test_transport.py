@@ -45,20 +45,33 @@ def test_fingerprint_sees_every_byte_name_and_order():
 
 
 def test_distinct_tensors_match_the_packed_views_tied_and_empty_tensors_included():
-    """The pairs a GPU sender broadcasts from the learner's memory equal what the host buffer holds (the copy a
-    restarted engine loads): names in order, a tied tensor once, dtypes cast, values and Digest equal."""
+    """The pairs a GPU sender reads from the learner's memory (cast one at a time by the Source) equal what the host
+    buffer holds (the copy a restarted engine loads): names in order, a tied tensor once, dtypes cast, values, the
+    metadata vLLM's sender checks them against, and the Digest."""
     from rayuid.sdpo.weights import distinct_tensors, pack_state_dict, unflatten
 
     emb = torch.randn(6, 4)
     state = {"embed.weight": emb, "empty": torch.zeros(0), "norm.weight": torch.ones(4), "lm_head.weight": emb,
-             "steps": torch.tensor([3], dtype=torch.int64)}
+             "odd": torch.randn(3, dtype=torch.float32)[:1].to(torch.bfloat16), "steps": torch.tensor([3])}
+    assert distinct_tensors(state)[0][1].data_ptr() == emb.data_ptr()  # the tensor itself: no copy
     for dtype in (None, torch.bfloat16):
-        sent = distinct_tensors(state, dtype)
+        source = transport.Source(distinct_tensors(state), "cpu", dtype)
+        sent = list(source)
         host = list(unflatten(pack_state_dict(state, 1, dtype=dtype), distinct=True).items())
-        assert [n for n, _ in sent] == [n for n, _ in host] == ["embed.weight", "empty", "norm.weight", "steps"]
+        assert [n for n, _ in sent] == [n for n, _ in host] == ["embed.weight", "empty", "norm.weight", "odd", "steps"]
         assert all(a.dtype == b.dtype and torch.equal(a, b) for (_, a), (_, b) in zip(sent, host))
-        assert transport.fingerprint(sent) == transport.fingerprint(host)
-    assert distinct_tensors(state)[0][1].data_ptr() == emb.data_ptr()  # nothing to cast: the tensor itself
+        assert [(m.name, m.dtype, m.shape) for m in source.metadata()] == [(n, t.dtype, tuple(t.shape)) for n, t in sent]
+        assert source.digest.hexdigest() == transport.fingerprint(host)
+
+
+def test_digest_reads_a_view_that_is_not_word_aligned():
+    """vLLM unpacks a packed buffer into views at running byte offsets: after an odd-sized bf16 tensor the next one
+    starts off a 4-byte boundary, where an int32 view would fail."""
+    flat = torch.arange(12, dtype=torch.bfloat16)
+    odd, rest = flat[:3], flat[3:]
+    assert rest.storage_offset() * 2 % 4 == 2
+    assert transport.fingerprint([("a", odd), ("b", rest)]) == transport.fingerprint([("a", odd.clone()),
+                                                                                     ("b", rest.clone())])
 
 
 class LocalClient:

@@ -63,7 +63,7 @@ def plan_layout(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None
     for name, t in state.items():
         out = dtype if dtype is not None and t.is_floating_point() else t.dtype
         nbytes = t.numel() * out.itemsize
-        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        key = _slot_key(t)
         if t.numel() and key in slots:
             specs.append(TensorSpec(name, str(out).removeprefix("torch."), tuple(t.shape), slots[key], nbytes))
             continue
@@ -78,18 +78,22 @@ def publish_dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else None
 
 
-def distinct_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
-    """What ``unflatten(pack_state_dict(state, dtype=dtype), distinct=True)`` holds, without the host buffer: the
-    tensors where they are (floating ones cast to ``dtype``; no copy when already in it), a tied tensor under its
-    first name only. What a GPU learner hands vLLM's NCCL/IPC sender straight from its own memory."""
+def distinct_tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of ``unflatten(pack_state_dict(state), distinct=True)`` without the host buffer: the
+    tensors themselves, where they are, a tied tensor under its first name only (``plan_layout``'s slot rule). What
+    a GPU learner hands vLLM's NCCL/IPC sender straight from its own memory."""
     out, seen = [], set()
     for name, t in state.items():
-        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # the slot rule of plan_layout
-        if t.numel() and key in seen:
+        if t.numel() and _slot_key(t) in seen:
             continue
-        seen.add(key)
-        out.append((name, t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()))
+        seen.add(_slot_key(t))
+        out.append((name, t.detach()))
     return out
+
+
+def _slot_key(t: torch.Tensor) -> tuple:
+    """Tensors with the same key are one tensor under several names (tied weights): they share one slot."""
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
 
 
 def _flat(data: np.ndarray) -> torch.Tensor:

@@ -268,12 +268,16 @@ class VllmEngine:
             log.warning("engine: ended a weight update that a failed publish left open")
 
     def close(self) -> None:
-        """Shut the engine down and leave the torch.distributed group vLLM joined in this process (world size 1
-        with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the process can join a learner group or build a new engine.
-        In-process engines share that group: closing one ends every other one built in the same process."""
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-        self.llm.llm_engine.engine_core.shutdown()
-        del self.llm
-        cleanup_dist_env_and_memory()
-        self._adapter_dir.cleanup()
+        """Shut the engine down (idempotent). vLLM's engine-core shutdown also leaves the torch.distributed default
+        group it joined in this process (world size 1 with ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the process
+        can join a learner group or build a new engine afterwards. That group is the process's default group
+        whoever made it: closing one in-process engine ends every other one, and a learner group in the same
+        process too."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            self._adapter_dir.cleanup()

@@ -322,7 +322,9 @@ class FsdpLearner:
 
             adapter = get_peft_model_state_dict(self.model, state_dict=state)
             return pack_state_dict(adapter, version, "lora", self.lora_config())
-        return self.packer.pack(state, version, "full", dtype=publish_dtype(cast))  # tied names share one slot
+        # tied names share one slot; last_sent always describes what the reused buffer holds
+        self.last_sent = self.packer.pack(state, version, "full", dtype=publish_dtype(cast))
+        return self.last_sent
 
     def _own_state(self) -> dict[str, torch.Tensor]:
         return {k: _local(v) for k, v in self.model.state_dict().items()}
@@ -342,20 +344,19 @@ class FsdpLearner:
 
     def send_weights(self, version: int, cast: str | None = None) -> dict:
         """Every rank joins the gather first; then rank 0 alone broadcasts (interleaving the two hangs FSDP2).
-        Returns on rank 0 what every engine must report back; ``{}`` elsewhere. One rank with vLLM's NCCL/IPC
-        sender broadcasts the model's own tensors (cast on its GPU), then packs the host copy that a restarted
-        engine loads; otherwise the packed host buffer is what is sent."""
-        direct = self.world_size == 1 and transport.sends_tensors(self.sender)
-        sent = transport.send_tensors(self.sender, distinct_tensors(self._own_state(), publish_dtype(cast)), version,
-                                      self.engine_group) if direct else None
+        Returns on rank 0 what every engine must report back; ``{}`` elsewhere. The packed host copy comes first
+        (``last_sent``: what a restarted engine, or every engine after a failed send, loads); then one full-weight
+        rank with vLLM's NCCL/IPC sender sends the model's own tensors, cast on its GPU one at a time (no
+        host-to-GPU copy), and any other sender the packed buffer."""
         t0 = time.perf_counter()
         blob = self.export_weights(version, cast)
         if blob is None:
             return {}
         export_s = time.perf_counter() - t0
-        self.last_sent = blob  # the pack buffer holds these bytes until the next export: a restarted engine's copy
-        sent = sent or transport.send(self.sender, blob, self.engine_group)
-        return {"checksum": sent.checksum, "bytes": blob.num_bytes, "export_s": export_s, "put_s": 0.0,
+        direct = self.world_size == 1 and not self.is_lora and transport.sends_tensors(self.sender)
+        tensors = distinct_tensors(self._own_state()) if direct else None
+        sent = transport.send(self.sender, blob, self.engine_group, tensors, publish_dtype(cast))
+        return {"checksum": sent.checksum, "bytes": sent.bytes, "export_s": export_s, "put_s": 0.0,
                 "send_s": sent.send_s}
 
     def close_transport(self) -> None:

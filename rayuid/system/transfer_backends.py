@@ -153,11 +153,18 @@ def _rendezvous(client, worker_info: dict, init_info):
 
 
 def _checked(base: type) -> type:
-    """vLLM's ``base`` engine, plus the ``Digest`` of every tensor it loads (what the engine then reports)."""
+    """vLLM's ``base`` engine, plus the ``Digest`` of every tensor it loads in one update, over every chunk of it
+    (what the engine then reports)."""
 
     class Checked(base):
+        def start_weight_update(self) -> None:
+            self._digest = Digest()  # one per update: vLLM's packed IPC sender ships a version in several chunks
+            super().start_weight_update()
+
         def receive_weights(self, update_info) -> None:
-            load, digest = self.model.load_weights, Digest()
+            if getattr(self, "_digest", None) is None:
+                self._digest = Digest()
+            load, digest = self.model.load_weights, self._digest
 
             def digested(pairs):
                 pairs = list(pairs)

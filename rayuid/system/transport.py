@@ -44,6 +44,8 @@ class Digest:
 
     def update(self, name: str, tensor: torch.Tensor) -> None:
         raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
+        if raw.storage_offset() % 4:  # a view into a packed buffer after an odd-sized tensor: not int32-aligned
+            raw = raw.clone()
         words = raw[: raw.numel() // 4 * 4].view(torch.int32)
         full = words.numel() // 4096 * 4096
         blocks = words[:full].view(-1, 4096).sum(1, dtype=torch.int64)
@@ -158,43 +160,51 @@ def sends_tensors(sender) -> bool:
     return sender is not None and sender.init_info_cls.backend != GLOO
 
 
-def send(sender, blob: WeightsBlob, client: EngineGroup) -> Sent:
-    """One publish over an open transport: ``sender`` is the trainer-side engine from ``trainer_init``. The NCCL
-    and IPC senders get ``blob``'s views, copied to the GPU (``send_tensors`` skips that host round trip)."""
-    if sends_tensors(sender):
-        return send_tensors(sender, list(unflatten(blob, distinct=True).items()), blob.version, client, "cuda")
+def send(sender, blob: WeightsBlob, client: EngineGroup, tensors: list | None = None,
+         dtype: torch.dtype | None = None) -> Sent:
+    """One publish of ``blob`` over an open transport: ``sender`` is the trainer-side engine from ``trainer_init``.
+    The NCCL and IPC senders read (name, tensor) pairs on the GPU: ``tensors`` (the same version where it already
+    is, tied weights once: ``weights.distinct_tensors``; cast to ``dtype`` as they are read) or else ``blob``'s
+    views, copied to the GPU. Their checksum is the ``Digest`` of what was read (integer sums: the same on the host
+    as on the engine's GPU); the gloo sender sends the flat buffer, checked by its XXH3."""
     t0 = time.perf_counter()
     client.version = blob.version
-    sender.source = blob
+    if not sends_tensors(sender):
+        sender.source = blob
+        sender.send_weights()
+        return Sent(blob.checksum, blob.num_bytes, time.perf_counter() - t0)
+    if tensors is None:
+        tensors, device = list(unflatten(blob, distinct=True).items()), "cuda"
+    else:
+        device = tensors[0][1].device.type if tensors else "cuda"
+    sender.source = Source(tensors, device, dtype)
     sender.send_weights()
-    return Sent(blob.checksum, blob.num_bytes, time.perf_counter() - t0)
-
-
-def send_tensors(sender, pairs: list, version: int, client: EngineGroup, device: str | None = None) -> Sent:
-    """One publish of (name, tensor) pairs (tied weights once) through vLLM's NCCL / IPC sender; the checksum is
-    their ``Digest``, computed where they are: integer sums, the same on the host as on the engine's GPU."""
-    t0 = time.perf_counter()
-    client.version = version
-    sender.source = Source(pairs, device or (pairs[0][1].device.type if pairs else "cuda"))
-    expected = fingerprint(pairs)
-    sender.send_weights()
-    return Sent(expected, sum(t.numel() * t.element_size() for _, t in pairs), time.perf_counter() - t0)
+    return Sent(sender.source.digest.hexdigest(), blob.num_bytes, time.perf_counter() - t0)
 
 
 class Source:
-    """A ``WeightSource`` over (name, tensor) pairs already gathered on the sender."""
+    """A ``WeightSource`` over (name, tensor) pairs on the sender. ``dtype``: floating tensors are cast to it one at
+    a time as the sender reads them (no second copy of the model at once); ``digest`` is the ``Digest`` of what was
+    yielded, updated as it goes."""
 
-    def __init__(self, pairs: list, device: str = "cpu"):
+    def __init__(self, pairs: list, device: str = "cpu", dtype: torch.dtype | None = None):
         from vllm.distributed.weight_transfer.base import ParamMeta
 
-        self.pairs, self.device = pairs, device
-        self._meta = [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in pairs]
+        self.pairs, self.device, self.dtype, self.digest = pairs, device, dtype, Digest()
+        self._meta = [ParamMeta(n, self._dtype(t), tuple(t.shape)) for n, t in pairs]
+
+    def _dtype(self, tensor: torch.Tensor) -> torch.dtype:
+        return self.dtype if self.dtype is not None and tensor.is_floating_point() else tensor.dtype
 
     def metadata(self):
         return self._meta
 
     def __iter__(self):
-        return ((n, t.to(self.device, non_blocking=True)) for n, t in self.pairs)
+        self.digest = Digest()
+        for name, tensor in self.pairs:
+            out = tensor.to(self.device, self._dtype(tensor), non_blocking=True)
+            self.digest.update(name, out)
+            yield name, out
 
 
 def mode(cfg) -> str:
