@@ -244,3 +244,34 @@ def test_lora_adapters_keep_the_adapter_path_under_either_transport(tiny_model_d
         cfg = load_config(jobs / "smoke.yaml", [f"model.name={tiny_model_dir}", f"ray.weight_transfer={transfer}",
                                                 "model.lora={r: 4}"])
         assert transport.mode(cfg) == "object_store"
+
+
+def test_an_engines_digest_covers_every_chunk_of_one_update():
+    """vLLM's packed IPC sender calls update_weights once per chunk: the engine must report the Digest of the whole
+    version (what the learner's Source computed), not of its last chunk, and start afresh with the next update."""
+
+    class Model:
+        def __init__(self):
+            self.loaded = []
+
+        def load_weights(self, pairs):
+            self.loaded += list(pairs)
+
+    class Base:  # the part of vLLM's NCCL/IPC engines that Checked relies on
+        def __init__(self):
+            self.model = Model()
+
+        def start_weight_update(self):
+            pass
+
+        def receive_weights(self, update_info):
+            self.model.load_weights(update_info)
+
+    engine = transfer_backends._checked(Base)()
+    pairs = [(f"w{i}", torch.randn(5 + i)) for i in range(4)]
+    for version in range(2):
+        engine.start_weight_update()
+        engine.receive_weights(pairs[:3])
+        engine.receive_weights(pairs[3:])
+        assert engine.received == transport.fingerprint(pairs)
+    assert [n for n, _ in engine.model.loaded] == [n for n, _ in pairs] * 2
