@@ -174,20 +174,19 @@ def send(sender, blob: WeightsBlob, client: EngineGroup, tensors: list | None = 
         sender.send_weights()
         return Sent(blob.checksum, blob.num_bytes, time.perf_counter() - t0)
     if tensors is None:
-        tensors, device = list(unflatten(blob, distinct=True).items()), "cuda"
+        sender.source = Source(list(unflatten(blob, distinct=True).items()), "cuda")
     else:
-        device = tensors[0][1].device.type if tensors else "cuda"
-    sender.source = Source(tensors, device, dtype)
+        sender.source = Source(tensors, None, dtype)  # already where the sender reads them
     sender.send_weights()
     return Sent(sender.source.digest.hexdigest(), blob.num_bytes, time.perf_counter() - t0)
 
 
 class Source:
-    """A ``WeightSource`` over (name, tensor) pairs on the sender. ``dtype``: floating tensors are cast to it one at
-    a time as the sender reads them (no second copy of the model at once); ``digest`` is the ``Digest`` of what was
-    yielded, updated as it goes."""
+    """A ``WeightSource`` over (name, tensor) pairs on the sender, moved to ``device`` (None: left where each is)
+    and floating ones cast to ``dtype``, one at a time as the sender reads them (no second copy of the model at
+    once); ``digest`` is the ``Digest`` of what was yielded, updated as it goes."""
 
-    def __init__(self, pairs: list, device: str = "cpu", dtype: torch.dtype | None = None):
+    def __init__(self, pairs: list, device: str | None = None, dtype: torch.dtype | None = None):
         from vllm.distributed.weight_transfer.base import ParamMeta
 
         self.pairs, self.device, self.dtype, self.digest = pairs, device, dtype, Digest()
@@ -202,7 +201,7 @@ class Source:
     def __iter__(self):
         self.digest = Digest()
         for name, tensor in self.pairs:
-            out = tensor.to(self.device, self._dtype(tensor), non_blocking=True)
+            out = tensor.to(self.device or tensor.device, self._dtype(tensor), non_blocking=True)
             self.digest.update(name, out)
             yield name, out
 
